@@ -1,0 +1,1 @@
+"""Model core: configs, the pure forward, checkpoints (HF safetensors, GGUF), the registry."""

@@ -1,0 +1,269 @@
+"""The one decoder: a pure forward over stacked layers, with named sites to edit and capture.
+
+Axes: B batch, T positions, D d_model, L layers, H query heads, K kv heads (H = K*G),
+E head_dim, F d_mlp, V vocab, P logit positions.
+
+Every family (GPT-2, Llama, Gemma, Gemma-2, Gemma-3) is this one function with different
+`ModelConfig` fields; per-layer variation (local vs global attention, per-layer RoPE base) is
+data scanned with the layer weights, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxedit.interventions import EMBED_SITE, SiteEdit, apply_edit, check_sites, validate_edits
+from jaxedit.models.config import ModelConfig
+
+Params = dict
+
+
+class Context(NamedTuple):
+    """Per-batch constants shared by all layers."""
+
+    positions: jax.Array  # [B,T] int32 RoPE / learned positions
+    allowed_global: jax.Array  # [B,T,T] bool: query t may attend key s
+    allowed_local: jax.Array  # [B,T,T] bool: same, within the sliding window
+
+
+class LayerConstants(NamedTuple):
+    """Per-layer data scanned with the weights."""
+
+    inv_freq: jax.Array  # [L,E/2] float32
+    is_local: jax.Array  # [L] bool
+
+
+def layer_constants(cfg: ModelConfig) -> LayerConstants:
+    half = cfg.head_dim // 2
+    inv = cfg.rope_inv_freq() if cfg.uses_rope else jnp.zeros((cfg.n_layers, half))
+    return LayerConstants(jnp.asarray(inv, jnp.float32), jnp.asarray(cfg.local_layers, bool))
+
+
+def make_context(cfg: ModelConfig, attention_mask: jax.Array, positions: jax.Array | None = None) -> Context:
+    """Causal (and sliding-window) attention permissions for a padded batch.
+
+    attention_mask: [B,T], nonzero for real tokens (left or right padding). positions default to
+    the count of real tokens before each one, so left-padded prompts get the same positions as
+    unpadded ones.
+    """
+    real = attention_mask.astype(bool)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
+    t = real.shape[1]
+    query, key = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    causal = (key <= query)[None] & real[:, None, :]
+    window = cfg.sliding_window or t + 1
+    local = causal & (key > query - window)[None]
+    return Context(positions.astype(jnp.int32), causal, local)
+
+
+def _wide(dtype) -> jnp.dtype:
+    """float32, or wider if the input already is (float64 for finite-difference checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _norm(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
+    """LayerNorm or RMSNorm over the last axis, statistics in float32 (as HF computes them)."""
+    f32 = _wide(x.dtype)
+    x32 = x.astype(f32)
+    if cfg.norm == "layernorm":
+        mean = x32.mean(-1, keepdims=True)
+        var = ((x32 - mean) ** 2).mean(-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        return (normed * p["scale"].astype(f32) + p["bias"].astype(f32)).astype(x.dtype)
+    normed = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + cfg.norm_eps)
+    if cfg.norm_offset:
+        return (normed * (cfg.norm_offset + p["scale"].astype(f32))).astype(x.dtype)
+    return p["scale"] * normed.astype(x.dtype)
+
+
+def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    if cfg.activation == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if cfg.activation == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if cfg.activation == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.relu(x)
+
+
+def _rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate [B,T,N,E] by positions [B,T] (HF's rotate-half layout)."""
+    freqs = positions[..., None].astype(_wide(x.dtype)) * inv_freq  # [B,T,E/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    first, second = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-second, first], axis=-1) * sin
+
+
+class _Sites:
+    """Applies this layer's edits and records captures, site by site."""
+
+    def __init__(self, edits: dict[str, SiteEdit], capture: tuple[str, ...]):
+        self.edits, self.capture, self.captured = edits, capture, {}
+
+    def __call__(self, name: str, act: jax.Array) -> jax.Array:
+        act = apply_edit(act, self.edits.get(name))
+        if name in self.capture:
+            self.captured[name] = act
+        return act
+
+
+def _attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: _Sites) -> jax.Array:
+    """Grouped-query attention of normalized input x [B,T,D]; returns z [B,T,H,E]."""
+    q = jnp.einsum("btd,dhe->bthe", x, p["wq"])
+    k = jnp.einsum("btd,dke->btke", x, p["wk"])
+    v = jnp.einsum("btd,dke->btke", x, p["wv"])
+    if cfg.attn_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q, k, v = site("attn_q", q), site("attn_k", k), site("attn_v", v)
+    if cfg.qk_norm:
+        q = _norm(cfg, {"scale": p["q_norm"]}, q)
+        k = _norm(cfg, {"scale": p["k_norm"]}, k)
+    if cfg.uses_rope:
+        q, k = _rope(q, ctx.positions, inv_freq), _rope(k, ctx.positions, inv_freq)
+    b, t, n_kv, e = k.shape
+    groups = cfg.n_heads // n_kv
+    q = q.reshape(b, t, n_kv, groups, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k) * jnp.asarray(cfg.query_scale, q.dtype)
+    if cfg.attn_softcap:
+        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+    allowed = jnp.where(is_local, ctx.allowed_local, ctx.allowed_global)[:, None, None]
+    f32 = _wide(scores.dtype)
+    scores = jnp.where(allowed, scores.astype(f32), jnp.finfo(f32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    z = jnp.einsum("bkgts,bske->btkge", weights, v).reshape(b, t, cfg.n_heads, e)
+    return site("attn_z", z)
+
+
+def _mlp(cfg: ModelConfig, p: dict, x: jax.Array, site: _Sites) -> jax.Array:
+    """MLP of normalized input x [B,T,D] -> [B,T,D]."""
+    up = x @ p["w_up"]
+    if cfg.mlp_bias:
+        up = up + p["b_up"]
+    if cfg.gated_mlp:
+        gate = x @ p["w_gate"]
+        if cfg.mlp_bias:
+            gate = gate + p["b_gate"]
+        hidden = _activation(cfg, gate) * up
+    else:
+        hidden = _activation(cfg, up)
+    out = site("mlp_hidden", hidden) @ p["w_down"]
+    return out + p["b_down"] if cfg.mlp_bias else out
+
+
+def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: _Sites) -> jax.Array:
+    """One decoder layer on residual x [B,T,D], with one layer's params `lp` (no L axis)."""
+    x = site("resid_pre", x)
+    h = site("attn_in", _norm(cfg, lp["attn_norm"], x))
+    z = _attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site)
+    attn_out = jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"])
+    if cfg.attn_bias:
+        attn_out = attn_out + lp["attn"]["bo"]
+    if cfg.post_norms:
+        attn_out = _norm(cfg, lp["attn_post_norm"], attn_out)
+    x = site("resid_mid", x + site("attn_out", attn_out))
+    h = site("mlp_in", _norm(cfg, lp["mlp_norm"], x))
+    mlp_out = _mlp(cfg, lp["mlp"], h, site)
+    if cfg.post_norms:
+        mlp_out = _norm(cfg, lp["mlp_post_norm"], mlp_out)
+    return site("resid_post", x + site("mlp_out", mlp_out))
+
+
+def embed(cfg: ModelConfig, params: Params, tokens: jax.Array, ctx: Context) -> jax.Array:
+    """Token (+ learned position) embeddings [B,T,D], with Gemma's sqrt(D) scale."""
+    table = params["embed"]["tokens"]
+    x = jnp.take(table, tokens, axis=0)
+    if cfg.embed_scale != 1.0:
+        x = x * jnp.asarray(cfg.embed_scale, table.dtype)
+    if cfg.learned_positions:
+        x = x + jnp.take(params["embed"]["positions"], ctx.positions, axis=0)
+    return x
+
+
+def run_layers(
+    cfg: ModelConfig,
+    layers: dict,
+    consts: LayerConstants,
+    x: jax.Array,
+    ctx: Context,
+    edits: dict[str, SiteEdit],
+    capture: tuple[str, ...],
+    remat: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scan layers (params with a leading L' axis) over residual x [B,T,D].
+
+    Returns the final residual and captures {site: [L',B,T,...]}. Works on any contiguous slice of
+    layers (pass the matching slices of `consts` and `edits`).
+    """
+    layer_capture = tuple(s for s in capture if s != EMBED_SITE)
+
+    def body(x, scanned):
+        lp, inv_freq, is_local, layer_edits = scanned
+        site = _Sites(layer_edits, layer_capture)
+        x = block(cfg, lp, x, ctx, inv_freq, is_local, site)
+        return x, site.captured
+
+    if remat:
+        body = jax.checkpoint(body)
+    layer_edits = {k: v for k, v in edits.items() if k != EMBED_SITE}
+    return jax.lax.scan(body, x, (layers, consts.inv_freq, consts.is_local, layer_edits))
+
+
+def unembed_norm(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
+    """The final norm of residual [..., D] (HF's last `hidden_states` entry)."""
+    return _norm(cfg, params["final_norm"], x)
+
+
+def unembed(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
+    """Final norm and logits [..., V] from residual [..., D] (with Gemma-2/3's final soft-cap)."""
+    x = unembed_norm(cfg, params, x)
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("...d,vd->...v", x, params["embed"]["tokens"])
+    else:
+        logits = x @ params["unembed"]["w"]
+    if cfg.final_softcap:
+        logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    return logits
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    logit_positions: jax.Array | None = None,
+    edits: dict[str, SiteEdit] | None = None,
+    capture: tuple[str, ...] = (),
+    remat: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits and captured activations of a (padded) batch.
+
+    tokens: [B,T] int. attention_mask: [B,T] (default all ones). logit_positions: [B,P] int
+    indices to unembed (default: all T positions). edits: {site: SiteEdit}; capture: site names.
+    Returns (logits [B,P,V] or [B,T,V], {site: [L,B,T,...] or [B,T,D] for `embed`}).
+    """
+    check_sites(capture, "capture")
+    edits = validate_edits(edits, cfg.n_layers)
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    ctx = make_context(cfg, attention_mask, positions)
+    x = apply_edit(embed(cfg, params, tokens, ctx), edits.get(EMBED_SITE))
+    cache = {EMBED_SITE: x} if EMBED_SITE in capture else {}
+    x, captured = run_layers(cfg, params["layers"], layer_constants(cfg), x, ctx, edits, tuple(capture), remat)
+    cache.update(captured)
+    if logit_positions is not None:
+        x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
+    return unembed(cfg, params, x), cache
+
+
+def last_positions(attention_mask: jax.Array) -> jax.Array:
+    """Index [B,1] of the last real token of each row (right or left padding)."""
+    t = attention_mask.shape[1]
+    idx = jnp.where(attention_mask.astype(bool), jnp.arange(t)[None], -1)
+    return idx.max(axis=1, keepdims=True)

@@ -1,0 +1,235 @@
+"""Convert a llama.cpp GGUF file (Llama or Gemma-3 text) into a Hugging Face model directory.
+
+The result (`config.json`, float32 `model.safetensors`, tokenizer files) is what
+`transformers` builds itself from the GGUF with `GgufConfig(dequantize=True)`: the same
+dequantized tensors bit for bit, under the `LlamaForCausalLM` / `Gemma3ForCausalLM` names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import save_file
+
+from jaxedit.errors import JaxeditError
+
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+CONVERTER_VERSION = 1  # part of the cache key: bump when the output of a conversion changes
+
+_LAYER_NAMES = {  # GGUF `blk.{i}.<part>` -> HF `model.layers.{i}.<name>`
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+}
+_ARCH_LAYER_NAMES = {
+    "llama": {**_LAYER_NAMES, "ffn_norm": "post_attention_layernorm"},
+    "gemma3": {
+        **_LAYER_NAMES,
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_TOKEN_IDS = {  # HF config key -> GGUF `tokenizer.ggml.<key>`
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "padding_token_id",
+    "unk_token_id": "unknown_token_id",
+}
+_GEMMA3_SLIDING_PATTERN = 6  # every 6th layer is global; llama.cpp hard-codes this for gemma3 too
+
+
+def say(message: str) -> None:
+    """One progress line on stderr."""
+    print(f"jaxedit: {message}", file=sys.stderr, flush=True)
+
+
+def convert_gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write `out_dir` (must not exist) as a HF directory equivalent to the GGUF file.
+
+    Built in a temporary folder next to `out_dir` and renamed into place at the end, so an
+    interrupted conversion never leaves a partial `out_dir`.
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if out_dir.exists():
+        raise JaxeditError(f"conversion target {out_dir} already exists: remove it or choose another directory")
+    start = time.perf_counter()
+    say(f"reading {gguf_path.name}")
+    reader = _open(gguf_path)
+    meta = _checked_metadata(reader)
+    config = hf_config(meta, reader)
+    say(f"dequantizing {len(reader.tensors)} tensors to float32")
+    tensors = hf_tensors(reader, meta["general.architecture"], config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        say(f"writing model.safetensors ({sum(t.nbytes for t in tensors.values()) / 2**20:.0f} MiB)")
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        say("building the tokenizer with transformers (slow for large vocabularies)")
+        _save_tokenizer(gguf_path, staging)
+        _publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"converted {gguf_path.name} in {time.perf_counter() - start:.0f} s -> {out_dir}")
+    return out_dir
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise JaxeditError(f"no GGUF file at {path}: check the path")
+    try:
+        return gguf.GGUFReader(path)
+    except ValueError as exc:
+        raise JaxeditError(f"{path} is not a readable GGUF file ({exc}): point to a llama.cpp .gguf file") from exc
+
+
+def _checked_metadata(reader: gguf.GGUFReader) -> dict:
+    """Scalar metadata fields of a supported architecture (arrays such as the vocabulary are
+    skipped); float32 values keep their shortest decimal spelling (1e-05, not 9.999999747378752e-06)."""
+    meta = {}
+    for key, field in reader.fields.items():
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            continue
+        value = field.contents()
+        meta[key] = float(str(np.float32(value))) if kind == gguf.GGUFValueType.FLOAT32 else value
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise JaxeditError(
+            f"GGUF architecture {arch!r} is not supported: jaxedit converts {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if meta.get(f"{arch}.rope.scaling.type", "none") != "none":
+        raise JaxeditError(f"GGUF rope scaling {meta[f'{arch}.rope.scaling.type']!r} is not supported: use a model without it")
+    return meta
+
+
+def hf_config(meta: dict, reader: gguf.GGUFReader) -> dict:
+    """The HF `config.json` dict for the GGUF's architecture."""
+    arch = meta["general.architecture"]
+    tensor_names = {t.name for t in reader.tensors}
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    common = {
+        "vocab_size": int(embed.shape[1]),
+        "hidden_size": meta[f"{arch}.embedding_length"],
+        "intermediate_size": meta[f"{arch}.feed_forward_length"],
+        "num_hidden_layers": meta[f"{arch}.block_count"],
+        "num_attention_heads": meta[f"{arch}.attention.head_count"],
+        "num_key_value_heads": meta[f"{arch}.attention.head_count_kv"],
+        "max_position_embeddings": meta[f"{arch}.context_length"],
+        "rms_norm_eps": meta[f"{arch}.attention.layer_norm_rms_epsilon"],
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": False,
+        "dtype": "float32",
+    }
+    common |= {hf: meta[f"tokenizer.ggml.{key}"] for hf, key in _TOKEN_IDS.items() if f"tokenizer.ggml.{key}" in meta}
+    return _llama_config(meta, common) if arch == "llama" else _gemma3_config(meta, common)
+
+
+def _llama_config(meta: dict, common: dict) -> dict:
+    head_dim = meta.get("llama.rope.dimension_count", common["hidden_size"] // common["num_attention_heads"])
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **common,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "mlp_bias": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": meta.get("llama.rope.freq_base", 10000.0)},
+    }
+
+
+def _gemma3_config(meta: dict, common: dict) -> dict:
+    """Gemma-3 text config. query_pre_attn_scalar = head_dim, as llama.cpp uses for all sizes but 27B."""
+    head_dim = meta["gemma3.attention.key_length"]
+    n_layers = common["num_hidden_layers"]
+    layer_types = [
+        "full_attention" if (i + 1) % _GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention" for i in range(n_layers)
+    ]
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        **common,
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": meta["gemma3.attention.sliding_window"],
+        "layer_types": layer_types,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": meta.get("gemma3.rope.freq_base", 1e6)},
+            "sliding_attention": {"rope_type": "default", "rope_theta": meta.get("gemma3.rope.freq_base_swa", 1e4)},
+        },
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "use_bidirectional_attention": False,
+    }
+
+
+def hf_tensors(reader: gguf.GGUFReader, arch: str, config: dict) -> dict[str, np.ndarray]:
+    """All tensors, dequantized to float32 [out, in] (HF layout), fixed up and under HF names."""
+    out = {}
+    for tensor in reader.tensors:
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        weight = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+        out[_hf_name(arch, tensor.name)] = np.ascontiguousarray(_fix_up(arch, tensor.name, weight, config))
+    return out
+
+
+def _hf_name(arch: str, name: str) -> str:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`, `token_embd.weight` -> ..."""
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _ARCH_LAYER_NAMES[arch]:
+        return f"model.layers.{parts[1]}.{_ARCH_LAYER_NAMES[arch][parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+    raise JaxeditError(f"GGUF tensor {name!r} has no HF counterpart for {arch}: this variant is not supported")
+
+
+def _fix_up(arch: str, name: str, weight: np.ndarray, config: dict) -> np.ndarray:
+    """Undo llama.cpp's storage changes: Llama Q/K RoPE row order; Gemma's `1 + w` norm weights."""
+    if arch == "llama" and ".attn_q." in name:
+        return _unpermute_rope_rows(weight, config["num_attention_heads"])
+    if arch == "llama" and ".attn_k." in name:
+        return _unpermute_rope_rows(weight, config["num_key_value_heads"])
+    if arch == "gemma3" and name.endswith("norm.weight"):
+        return weight - 1
+    return weight
+
+
+def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """[n_heads*E, D] with rows per head interleaved (x0,y0,x1,y1,..) -> HF halves (x0,x1,..,y0,y1,..)."""
+    half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _save_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    """transformers' own GGUF tokenizer, saved as `tokenizer.json` & co (its GGUF reader needs torch)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Rename `staging` to `out_dir`; if a concurrent conversion got there first, keep theirs."""
+    try:
+        os.replace(staging, out_dir)
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise

