@@ -58,8 +58,8 @@ def _linear_heads_in(path: Path_, hf: str, heads: int, head_dim: int) -> Spec:
     return Spec(hf, (path,), lambda w: (w.T.reshape(heads, head_dim, -1),), lambda a: a.reshape(heads * head_dim, -1).T)
 
 
-def _reshaped(path: Path_, hf: str, shape: tuple[int, ...]) -> Spec:
-    return Spec(hf, (path,), lambda a: (a.reshape(shape),), lambda a: a.reshape(-1))
+def _reshaped(path: Path_, hf: str, shape: tuple[int, ...], hf_shape: tuple[int, ...] = (-1,)) -> Spec:
+    return Spec(hf, (path,), lambda a: (a.reshape(shape),), lambda a: a.reshape(hf_shape))
 
 
 def _rotary_specs(cfg: ModelConfig) -> list[Spec]:
@@ -118,7 +118,7 @@ def _gpt2_specs(cfg: ModelConfig) -> list[Spec]:
         Spec(pre + "attn.c_attn.bias", qkv_bias,
              lambda b: tuple(p.reshape(h, e) for p in np.split(b, 3)),
              lambda *bs: np.concatenate([b.reshape(-1) for b in bs])),
-        _reshaped(attn + ("wo",), pre + "attn.c_proj.weight", (h, e, d)),
+        _reshaped(attn + ("wo",), pre + "attn.c_proj.weight", (h, e, d), (h * e, d)),
         _same(attn + ("bo",), pre + "attn.c_proj.bias"),
         _same(("layers", "mlp", "w_up"), pre + "mlp.c_fc.weight"),
         _same(("layers", "mlp", "b_up"), pre + "mlp.c_fc.bias"),
