@@ -132,3 +132,15 @@ def test_vmap_over_edits_equals_separate_calls(pair):
     batched = jax.jit(jax.vmap(patched))(jnp.arange(cfg.n_layers))
     for layer in range(cfg.n_layers):
         np.testing.assert_allclose(np.asarray(batched[layer]), np.asarray(patched(layer)), atol=1e-5)
+
+
+def test_run_from_a_traced_layer_equals_the_full_forward(pair):
+    _, model = pair
+    cfg = model.cfg
+    ids, mask = padded_batch("left", lengths=(7, 4))
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    full, cache = model.forward(ids, attention_mask=mask, capture=("resid_pre", "resid_post"))
+    ctx = core.make_context(cfg, mask)
+    suffix = jax.jit(lambda start: core.run_from(cfg, model.params, cache["resid_pre"][start], ctx, start))
+    for start in range(cfg.n_layers):
+        np.testing.assert_allclose(np.asarray(suffix(start)), np.asarray(cache["resid_post"][-1]), atol=1e-5)

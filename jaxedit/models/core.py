@@ -213,6 +213,33 @@ def run_layers(
     return jax.lax.scan(body, x, (layers, consts.inv_freq, consts.is_local, layer_edits))
 
 
+def run_from(
+    cfg: ModelConfig,
+    params: Params,
+    x: jax.Array,
+    ctx: Context,
+    start: int | jax.Array,
+    edits: dict[str, SiteEdit] | None = None,
+) -> jax.Array:
+    """Final residual [B,T,D] from x = resid_pre of layer `start`, running only layers start..L-1.
+
+    `start` may be traced: a sweep reuses the unpatched prefix and pays only for the suffix. Under
+    `vmap` with a batched `start` the loop runs to the longest suffix, so map over layers
+    sequentially (`lax.map`) and vmap over sites within a layer. Not reverse-differentiable in
+    `start`-traced form (a while loop); use `run_layers` for gradients. edits: per-layer sites
+    with a leading L axis, as in `forward` (validated there).
+    """
+    consts = layer_constants(cfg)
+    edits = {k: v for k, v in validate_edits(edits, cfg.n_layers).items() if k != EMBED_SITE}
+
+    def body(i, x):
+        take = lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731
+        lp, layer_edits = jax.tree.map(take, (params["layers"], edits))
+        return block(cfg, lp, x, ctx, consts.inv_freq[i], consts.is_local[i], _Sites(layer_edits, ()))
+
+    return jax.lax.fori_loop(start, cfg.n_layers, body, x)
+
+
 def unembed_norm(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
     """The final norm of residual [..., D] (HF's last `hidden_states` entry)."""
     return _norm(cfg, params["final_norm"], x)

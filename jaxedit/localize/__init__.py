@@ -1,0 +1,1 @@
+"""Localization: metrics, corruptions, patching sweeps, attribution, causal tracing, fact lookup, masks."""
