@@ -1,7 +1,12 @@
 """Logit and hidden-state parity with HF transformers (torch, float32) on tiny random models."""
 
+import copy
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import jaxedit
 from jaxedit.models import core
@@ -40,3 +45,21 @@ def test_logits_at_chosen_positions_equal_full_logits(pair):
     picked, _ = model.forward(ids, attention_mask=mask, logit_positions=last)
     expected = np.take_along_axis(np.asarray(full), np.asarray(last)[..., None], axis=1)
     np.testing.assert_allclose(np.asarray(picked), expected, atol=1e-6)
+
+
+def test_bfloat16_forward_tracks_hf_bfloat16(pair, tmp_path):
+    hf, model = pair
+    ids, mask = padded_batch("right")
+    source = model.source
+    bf16 = jaxedit.load(source, dtype="bfloat16")
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(bf16.params))
+    ours, _ = bf16.forward(ids, attention_mask=mask)
+    assert ours.dtype == jnp.bfloat16
+    ref = hf_forward(copy.deepcopy(hf).to(torch.bfloat16), ids, mask).logits.float().numpy()
+    full = hf_forward(hf, ids, mask).logits.numpy()
+    real = mask.astype(bool)
+    ours = np.asarray(ours, np.float32)
+    # bfloat16 keeps 8 mantissa bits: both implementations sit within bf16 rounding of the float32 answer
+    scale = np.abs(full[real]).max()
+    assert np.abs(ours - full)[real].max() <= 0.05 * scale
+    assert np.abs(ours - ref)[real].max() <= 0.05 * scale
