@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 from pathlib import Path
@@ -28,3 +29,19 @@ def gemma_dir():
 @pytest.fixture(scope="session")
 def smollm2_dir():
     return resolve_or_skip("smollm2-135m")
+
+
+@functools.lru_cache(maxsize=None)
+def hf_gguf_reference(name: str):
+    """(transformers model dequantized from the GGUF by transformers itself, its tokenizer): loaded once per session."""
+    import torch
+    import transformers
+
+    from jaxedit.models import registry
+
+    path = registry.gguf_file(name)
+    kwargs = {"gguf_file": path.name}
+    config = transformers.GgufConfig(dequantize=True, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32,
+                                                              quantization_config=config, **kwargs)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)

@@ -7,7 +7,9 @@ import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from tokenizers import Tokenizer
 
+from conftest import hf_gguf_reference
 from jaxedit.errors import JaxeditError
 from jaxedit.models import gguf_convert, registry
 
@@ -32,13 +34,7 @@ def case(request):
     """(name, converted dir, transformers model dequantized from the GGUF, transformers' GGUF tokenizer)."""
     name = request.param
     out_dir = request.getfixturevalue({"gemma-3-270m": "gemma_dir", "smollm2-135m": "smollm2_dir"}[name])
-    path = registry.gguf_file(name)
-    kwargs = {"gguf_file": path.name}
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, dtype=torch.float32, quantization_config=transformers.GgufConfig(dequantize=True, **kwargs), **kwargs
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    return name, out_dir, model.eval(), tokenizer
+    return name, out_dir, *hf_gguf_reference(name)
 
 
 def test_tensors_equal_transformers_dequantization(case):
@@ -76,8 +72,6 @@ def test_converted_model_gives_the_same_logits(case):
 def test_tokenizer_ids_equal_transformers_gguf_tokenizer(case):
     name, out_dir, _, gguf_tokenizer = case
     saved = transformers.AutoTokenizer.from_pretrained(out_dir)
-    from tokenizers import Tokenizer
-
     raw = Tokenizer.from_file(str(out_dir / "tokenizer.json"))  # what jaxedit.tokenizer reads
     for text in TEXTS:
         expected = gguf_tokenizer(text)["input_ids"]
@@ -103,6 +97,8 @@ def test_unknown_name_lists_known_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(JaxeditError, match="unknown model 'gpt-5'.*gemma-3-270m, smollm2-135m"):
         registry.resolve("gpt-5")
+    with pytest.raises(JaxeditError, match="unknown model 'gpt-5'"):
+        registry.gguf_file("gpt-5")
 
 
 @pytest.mark.parametrize(
@@ -153,26 +149,26 @@ def _llama_cpp_permute(weights, n_heads):
     return weights.reshape(n_heads, 2, weights.shape[0] // n_heads // 2, -1).swapaxes(1, 2).reshape(weights.shape)
 
 
+_TINY_LLAMA = {  # GGUF name -> (HF name, shape) of a 1-layer llama: D=8, H=2, K=1, E=4, F=12, V=16
+    "token_embd": ("model.embed_tokens", (16, 8)),
+    "output_norm": ("model.norm", (8,)),
+    "blk.0.attn_norm": ("model.layers.0.input_layernorm", (8,)),
+    "blk.0.ffn_norm": ("model.layers.0.post_attention_layernorm", (8,)),
+    "blk.0.attn_q": ("model.layers.0.self_attn.q_proj", (8, 8)),
+    "blk.0.attn_k": ("model.layers.0.self_attn.k_proj", (4, 8)),
+    "blk.0.attn_v": ("model.layers.0.self_attn.v_proj", (4, 8)),
+    "blk.0.attn_output": ("model.layers.0.self_attn.o_proj", (8, 8)),
+    "blk.0.ffn_gate": ("model.layers.0.mlp.gate_proj", (12, 8)),
+    "blk.0.ffn_up": ("model.layers.0.mlp.up_proj", (12, 8)),
+    "blk.0.ffn_down": ("model.layers.0.mlp.down_proj", (8, 12)),
+}
+
+
 def _tiny_llama(rng):
-    """HF-named weights of a 1-layer llama (D=8, H=2, K=1, E=4, F=12, V=16) and their GGUF tensors."""
-    hf = {
-        "model.embed_tokens.weight": rng.normal(size=(16, 8)),
-        "model.norm.weight": rng.normal(size=8),
-        "model.layers.0.input_layernorm.weight": rng.normal(size=8),
-        "model.layers.0.post_attention_layernorm.weight": rng.normal(size=8),
-        "model.layers.0.self_attn.q_proj.weight": rng.normal(size=(8, 8)),
-        "model.layers.0.self_attn.k_proj.weight": rng.normal(size=(4, 8)),
-        "model.layers.0.self_attn.v_proj.weight": rng.normal(size=(4, 8)),
-        "model.layers.0.self_attn.o_proj.weight": rng.normal(size=(8, 8)),
-        "model.layers.0.mlp.gate_proj.weight": rng.normal(size=(12, 8)),
-        "model.layers.0.mlp.up_proj.weight": rng.normal(size=(12, 8)),
-        "model.layers.0.mlp.down_proj.weight": rng.normal(size=(8, 12)),
-    }
-    hf = {k: v.astype(np.float32) for k, v in hf.items()}
-    names = dict(zip(hf, ["token_embd", "output_norm", "blk.0.attn_norm", "blk.0.ffn_norm", "blk.0.attn_q",
-                          "blk.0.attn_k", "blk.0.attn_v", "blk.0.attn_output", "blk.0.ffn_gate", "blk.0.ffn_up",
-                          "blk.0.ffn_down"]))
-    stored = {f"{names[k]}.weight": v for k, v in hf.items()}
+    """(HF weights, the GGUF tensors llama.cpp would store for them)."""
+    hf, stored = {}, {}
+    for gguf_name, (hf_name, shape) in _TINY_LLAMA.items():
+        hf[f"{hf_name}.weight"] = stored[f"{gguf_name}.weight"] = rng.normal(size=shape).astype(np.float32)
     stored["blk.0.attn_q.weight"] = _llama_cpp_permute(stored["blk.0.attn_q.weight"], 2)
     stored["blk.0.attn_k.weight"] = _llama_cpp_permute(stored["blk.0.attn_k.weight"], 1)
     return hf, stored
@@ -188,7 +184,8 @@ def test_tiny_llama_round_trip_undoes_the_rope_permutation(tmp_path, monkeypatch
     for key, value in hf.items():
         np.testing.assert_array_equal(ours[key], value, err_msg=key)
     config = transformers.AutoConfig.from_pretrained(out)
-    assert (config.model_type, config.head_dim, config.num_key_value_heads, config.rms_norm_eps) == ("llama", 4, 1, 1e-5)
+    summary = (config.model_type, config.head_dim, config.num_key_value_heads, config.rms_norm_eps)
+    assert summary == ("llama", 4, 1, 1e-5)
     assert config.tie_word_embeddings
 
 

