@@ -6,15 +6,14 @@ import time
 import gguf
 import numpy as np
 import pytest
+import torch
+import transformers
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from conftest import hf_gguf_reference
 from jaxedit.errors import JaxeditError
 from jaxedit.models import gguf_convert, registry
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 TEXTS = [
     "Fact: Michael Jordan plays the sport of",
