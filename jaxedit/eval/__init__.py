@@ -1,0 +1,1 @@
+"""Evaluation: candidate probabilities ("continuous accuracy"), formats, probes, side effects."""
