@@ -1,7 +1,11 @@
 """GGUF -> HF conversion against transformers' own GGUF loading; the registry's names, cache and errors."""
 
+import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -22,8 +26,16 @@ TEXTS = [
     "In 2024, 13 people\nmet again.",
     "emoji 🤖 and ünïcode",
     "<bos> and <|im_start|> typed as text",
+    "<start_of_turn>user\nhi<end_of_turn>\n<|im_end|>",
+    "tabs\tand   runs   of    spaces  ",
+    "numbers 1234567 and 3.14159, code: def f(x): return x**2",
+    "Ελληνικά, 中文, русский, العربية",
+    "supercalifragilisticexpialidocious antidisestablishmentarianism",
 ]
 ADDS_BOS = {"gemma-3-270m": True, "smollm2-135m": False}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# what transformers' from_pretrained records about the load (local_files_only follows HF_HUB_OFFLINE), not the tokenizer
+TOKENIZER_CONFIG_KEYS_IGNORED = {"is_local", "local_files_only"}
 # transformers keeps the GGUF's general.name and the load path; id2label keys are ints vs json strings.
 CONFIG_KEYS_IGNORED = {"_name_or_path", "_model_name_or_path", "architectures", "id2label", "label2id"}
 
@@ -77,6 +89,53 @@ def test_tokenizer_ids_equal_transformers_gguf_tokenizer(case):
         assert saved(text)["input_ids"] == expected, text
         assert raw.encode(text).ids == expected, text
         assert (expected[0] == gguf_tokenizer.bos_token_id) == ADDS_BOS[name], text
+
+
+def _tokenizer_files(directory: Path) -> dict:
+    """The tokenizer files saved in `directory`, parsed; what a later call to a tokenizer sets up is dropped."""
+    files = {}
+    for name in TOKENIZER_FILES:
+        if (directory / name).is_file():
+            text = (directory / name).read_text(encoding="utf-8")
+            files[name] = json.loads(text) if name.endswith(".json") else text
+    if "tokenizer.json" in files:
+        files["tokenizer.json"]["padding"] = None  # left set by the padded call in the logits test
+    for key in TOKENIZER_CONFIG_KEYS_IGNORED:
+        files.get("tokenizer_config.json", {}).pop(key, None)
+    return files
+
+
+def test_tokenizer_files_equal_transformers_gguf_tokenizer_saved(case, tmp_path):
+    name, out_dir, _, gguf_tokenizer = case
+    gguf_tokenizer.save_pretrained(tmp_path)  # what the converter wrote when it called AutoTokenizer itself
+    theirs, ours = _tokenizer_files(tmp_path), _tokenizer_files(out_dir)
+    assert sorted(ours) == sorted(theirs)
+    for file_name in theirs:
+        assert ours[file_name] == theirs[file_name], file_name
+    post_processor = ours["tokenizer.json"]["post_processor"]
+    assert ("<bos>" in post_processor["special_tokens"]) == ADDS_BOS[name]
+    assert ("chat_template.jinja" in ours) == (name == "smollm2-135m")
+
+
+_TORCH_FREE_BUILD = """
+import sys
+sys.modules["torch"] = None  # `import torch` now fails, as on a machine without it
+from pathlib import Path
+import gguf
+from jaxedit.models import gguf_convert, registry
+gguf_convert._save_tokenizer(gguf.GGUFReader(registry.gguf_file(sys.argv[1])), Path(sys.argv[2]))
+assert sys.modules["torch"] is None
+"""
+
+
+def test_tokenizer_builds_without_torch(smollm2_dir, tmp_path):
+    """The runtime has no torch; transformers' own GGUF reader imports it, ours must not (SmolLM2: fast to build)."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    script = [sys.executable, "-c", _TORCH_FREE_BUILD, "smollm2-135m", str(tmp_path)]
+    run = subprocess.run(script, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert _tokenizer_files(tmp_path) == _tokenizer_files(smollm2_dir)
 
 
 def test_second_resolve_is_fast_and_gguf_path_shares_the_cache(case):

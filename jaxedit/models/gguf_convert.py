@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from jaxedit.errors import JaxeditError
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
-CONVERTER_VERSION = 1  # part of the cache key: bump when the output of a conversion changes
+CONVERTER_VERSION = 2  # part of the cache key: bump when the output of a conversion changes
 
 _LAYER_NAMES = {  # GGUF `blk.{i}.<part>` -> HF `model.layers.{i}.<name>`
     "attn_q": "self_attn.q_proj",
@@ -53,6 +53,8 @@ _TOKEN_IDS = {  # HF config key -> GGUF `tokenizer.ggml.<key>`
     "unk_token_id": "unknown_token_id",
 }
 _GEMMA3_SLIDING_PATTERN = 6  # every 6th layer is global; llama.cpp hard-codes this for gemma3 too
+# What AutoTokenizer picks for the HF model type (`llama` is not in its table, so it falls back to the backend)
+_TOKENIZER_CLASSES = {"llama": "TokenizersBackend", "gemma3": "GemmaTokenizer"}
 
 
 def say(message: str) -> None:
@@ -86,7 +88,7 @@ def convert_gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathL
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         say("building the tokenizer with transformers (slow for large vocabularies)")
-        _save_tokenizer(gguf_path, staging)
+        _save_tokenizer(reader, staging)
         _publish(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -221,11 +223,36 @@ def _unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _save_tokenizer(gguf_path: Path, out_dir: Path) -> None:
-    """transformers' own GGUF tokenizer, saved as `tokenizer.json` & co (its GGUF reader needs torch)."""
-    from transformers import AutoTokenizer
+def _save_tokenizer(reader: gguf.GGUFReader, out_dir: Path) -> None:
+    """transformers' own GGUF tokenizer, saved as `tokenizer.json` & co, built without torch.
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    `AutoTokenizer.from_pretrained(dir, gguf_file=...)` gives the same files, but its GGUF reader
+    imports torch; so this is `gguf_tokenizer_mapping.get_gguf_tokenizer` on the `gguf` package's
+    reader, then the class `AutoTokenizer` picks for the model type, built around the result.
+    """
+    import transformers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    grouped = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece unless told not to
+        tokenizer_config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+
+    architecture = reader.fields["general.architecture"].contents()
+    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    tokenizer_class = getattr(transformers, _TOKENIZER_CLASSES[architecture])
+    tokenizer = tokenizer_class(tokenizer_object=backend, **tokenizer_config, **extra)
     tokenizer.save_pretrained(str(out_dir))
 
 
