@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.errors import JaxeditError
+from jaxedit.localize.artifacts import ScoreArray
 from jaxedit.localize.corruptions import resample_subjects, subject_positions
 from jaxedit.localize.path_patching import PathPatchResult, enrichment_mlp_scores, extraction_head_scores
 from jaxedit.localize.probes import ProbeResult, probe_accuracy
@@ -121,6 +122,23 @@ class FactLookup:
     attr: np.ndarray  # [L] enrichment score minus the last layer's
     layers: tuple[int, ...]  # chosen FLU MLP layers
     threshold: float
+
+
+def score_arrays(result: FactLookup, model: str = "", data_hash: str = "") -> dict[str, ScoreArray]:
+    """The pipeline's measurements as labelled arrays (save each with `.save(path)`)."""
+    label = dict(model=model, data_hash=data_hash)
+    out = {
+        "extraction_heads": ScoreArray(result.extraction.scores, ("layer", "head"), "path_patching/extraction_heads",
+                                       **label),
+        "enrichment_mlps": ScoreArray(result.enrichment.scores, ("layer",), "path_patching/enrichment_mlps", **label,
+                                      meta={"receiver": result.receiver, "threshold": result.threshold,
+                                            "attr": result.attr.tolist(), "layers": list(result.layers)}),
+    }
+    for name, probe in (("probe_prompt", result.probe_prompt), ("probe_name", result.probe_name)):
+        if probe is not None:
+            out[name] = ScoreArray(probe.test_accuracy, ("layer",), f"probe/{name}", **label,
+                                   meta={"n_train": len(probe.train_index), "n_test": len(probe.test_index)})
+    return out
 
 
 def locate(cfg: ModelConfig, params, clean, corrupt, mask, answer, others, *, threshold: float = 0.02,

@@ -52,14 +52,15 @@ def _at(acts: jax.Array, last: jax.Array) -> jax.Array:
 
 
 def _runs(cfg, params, clean, corrupt, mask, answer, others, capture):
-    """Clean and corrupted forwards: (last positions [B,1], LD clean [B], LD corrupt [B], caches)."""
+    """Clean and corrupted runs as one forward: (last positions [B,1], LD clean [B], LD corrupt [B], caches)."""
     last = core.last_positions(mask)
-    runs = [core.forward(params, t, cfg, attention_mask=mask, logit_positions=last, capture=capture)
-            for t in (clean, corrupt)]
-    (clean_logits, clean_cache), (corrupt_logits, corrupt_cache) = runs
-    ld_clean = metrics.logit_diff(clean_logits[:, 0], answer, others)
-    ld_corrupt = metrics.logit_diff(corrupt_logits[:, 0], answer, others)
-    return last, ld_clean, ld_corrupt, clean_cache, corrupt_cache
+    pair = lambda a: jnp.concatenate([a, a])  # noqa: E731
+    logits, cache = core.forward(params, jnp.concatenate([clean, corrupt]), cfg, attention_mask=pair(mask),
+                                 logit_positions=pair(last), capture=capture)
+    b = clean.shape[0]
+    ld = metrics.logit_diff(logits[:, 0], pair(answer), pair(others))
+    halves = [jax.tree.map(lambda a, i=i: a[:, i * b:(i + 1) * b], cache) for i in (0, 1)]
+    return last, ld[:b], ld[b:], halves[0], halves[1]
 
 
 def _normalize(patched, ld_clean, ld_corrupt):
@@ -73,24 +74,27 @@ def _extraction(params, clean, corrupt, mask, answer, others, cfg: ModelConfig, 
     z_new, z_orig = _at(clean_cache["attn_z"], last), _at(corrupt_cache["attn_z"], last)  # [L,B,1,H,E]
     x_orig = _at(corrupt_cache["resid_pre"], last)  # [L,B,1,D]
     ctx = core.make_context(cfg, jnp.ones_like(last), positions=last)
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    consts = core.layer_constants(cfg)
     freeze = jnp.ones((1,) * z_orig.ndim, bool)
+    frozen = {"attn_z": SiteEdit(mask=freeze, value=z_orig)}  # shared by all senders
 
     def sender(layer, head):
-        onehot = (jnp.arange(n_layers) == layer)[:, None, None, None, None] & (jnp.arange(n_heads) == head)[:, None]
-        edits = {"attn_z": SiteEdit(mask=freeze, value=jnp.where(onehot, z_new, z_orig))}
-        x = core.run_from(cfg, params, x_orig[layer], ctx, layer, edits)
+        one = lambda a: jax.lax.dynamic_slice_in_dim(a, layer, 1)  # noqa: E731
+        z = jnp.where(jnp.arange(cfg.n_heads)[:, None] == head, z_new[layer], z_orig[layer])  # [B,1,H,E]
+        x, _ = core.run_layers(cfg, jax.tree.map(one, params["layers"]), jax.tree.map(one, consts), x_orig[layer],
+                               ctx, {"attn_z": SiteEdit(mask=freeze, value=z[None])}, ())
+        x = core.run_from(cfg, params, x, ctx, layer + 1, frozen)
         return metrics.logit_diff(core.unembed(cfg, params, x[:, 0]), answer, others)
 
     def layer_senders(layer):
-        return jax.lax.map(partial(sender, layer), jnp.arange(n_heads), batch_size=head_chunk or n_heads)
+        return jax.lax.map(partial(sender, layer), jnp.arange(cfg.n_heads), batch_size=head_chunk or cfg.n_heads)
 
-    patched = jax.lax.map(layer_senders, jnp.arange(n_layers))  # [L,H,B]
+    patched = jax.lax.map(layer_senders, jnp.arange(cfg.n_layers))  # [L,H,B]
     return _normalize(patched, ld_clean, ld_corrupt), ld_clean, ld_corrupt
 
 
 @partial(jax.jit, static_argnames=("cfg", "receiver", "chunk"))
-def _enrichment(params, clean, corrupt, mask, answer, others, cfg: ModelConfig, receiver: int, chunk: int | None):
+def _enrichment(params, clean, corrupt, mask, answer, others, cfg: ModelConfig, receiver: int, chunk: int):
     last, ld_clean, ld_corrupt, clean_cache, corrupt_cache = _runs(
         cfg, params, clean, corrupt, mask, answer, others, ("mlp_out", "resid_pre"))
     delta = clean_cache["mlp_out"][:receiver] - corrupt_cache["mlp_out"][:receiver]  # [r,B,T,D]
@@ -102,7 +106,7 @@ def _enrichment(params, clean, corrupt, mask, answer, others, cfg: ModelConfig, 
         x = jnp.take_along_axis(x, last[..., None], axis=1)[:, 0]
         return metrics.logit_diff(core.unembed(cfg, params, x), answer, others)
 
-    patched = jax.lax.map(sender, delta, batch_size=chunk or receiver)  # [r,B]
+    patched = jax.lax.map(sender, delta, batch_size=min(chunk, receiver))  # [r,B]
     scores = _normalize(patched, ld_clean, ld_corrupt)
     no_path = jnp.zeros((cfg.n_layers - receiver,) + scores.shape[1:], scores.dtype)
     return jnp.concatenate([scores, no_path]), ld_clean, ld_corrupt
@@ -126,10 +130,11 @@ def extraction_head_scores(cfg: ModelConfig, params, clean, corrupt, mask, answe
 
 
 def enrichment_mlp_scores(cfg: ModelConfig, params, clean, corrupt, mask, answer, others, receiver: int,
-                          *, chunk: int | None = None) -> PathPatchResult:
+                          *, chunk: int = 8) -> PathPatchResult:
     """Path-patching score of every MLP's output [L] to resid_pre of layer `receiver` (0 for l ≥ receiver).
 
-    Arguments as `extraction_head_scores`; chunk bounds how many senders run at once (default: all).
+    Arguments as `extraction_head_scores`; chunk: how many senders run at once (each a full-length
+    suffix from the receiver on, so this bounds memory).
     """
     if not 0 < receiver < cfg.n_layers:
         raise JaxeditError(f"receiver layer {receiver} is outside 1..{cfg.n_layers - 1}: pick a layer with MLPs before it")

@@ -48,7 +48,7 @@ def fit_probe(x: jax.Array, y: jax.Array, n_classes: int, l2: float, steps: int)
         logp = jax.nn.log_softmax(x @ w + b)
         return -jnp.take_along_axis(logp, y[:, None], axis=1).mean() + 0.5 * l2 * jnp.sum(w * w)
 
-    opt = optax.lbfgs()
+    opt = optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(max_backtracking_steps=20, store_grad=True))
     value_and_grad = optax.value_and_grad_from_state(loss)
 
     def step(carry, _):
