@@ -1,5 +1,7 @@
 """Activation-patching sweeps against a loop of single patched forwards and against torch hooks on HF."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,34 +46,36 @@ def _sweep(model, site, direction, **kw):
                              metric_args=(ANSWER, OTHERS), site=site, direction=direction, **kw)
 
 
+@functools.partial(jax.jit, static_argnames="cfg")
+def _patched_forward(params, tokens, mask, layer, wheres, values, cfg):
+    """Metric [B] of one forward with `one_layer_edit`s of every site in `wheres` (all but one all-False)."""
+    edits = {}
+    for site, where in wheres.items():
+        edits |= one_layer_edit(site, layer, cfg.n_layers, where, values[site][layer])
+    last = core.last_positions(mask)
+    logits, _ = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=last, edits=edits)
+    return logit_diff(logits[:, 0], ANSWER, OTHERS)
+
+
 def _loop_reference(model, site, direction, unit_axis, by_position):
-    """Per-example metric [L, U?, T?, B] from one patched `core.forward` per site (Python loop)."""
+    """Per-example metric [L, U?, T?, B] from one patched `core.forward` per site (a Python loop)."""
     cfg, params = model.cfg, model.params
     clean, corrupt, mask = (jnp.asarray(a) for a in _pair_batch())
     target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    last = core.last_positions(mask)
-    _, cache = core.forward(params, source, cfg, attention_mask=mask, capture=(site,))
-    values = cache[site]
-    act_shape = (1,) + values.shape[2:]
-    n_units = values.shape[3] if unit_axis else 1
-    positions = range(values.shape[2]) if by_position else [slice(None)]
-
-    @jax.jit
-    def patched(params, layer, where):
-        edits = one_layer_edit(site, layer, cfg.n_layers, where, values[layer])
-        logits, _ = core.forward(params, target, cfg, attention_mask=mask, logit_positions=last, edits=edits)
-        return logit_diff(logits[:, 0], ANSWER, OTHERS)
-
+    _, values = model.forward(source, attention_mask=mask, capture=tuple(ap.UNIT_AXIS))
+    no_patch = {name: np.zeros((1,) + v.shape[2:], bool) for name, v in values.items()}
+    n_units = values[site].shape[3] if unit_axis else 1
+    positions = range(target.shape[1]) if by_position else [slice(None)]
     out = np.zeros((cfg.n_layers, n_units, len(positions), target.shape[0]), np.float32)
     for layer in range(cfg.n_layers):
         for u in range(n_units):
             for j, pos in enumerate(positions):
-                where = np.zeros(act_shape, bool)
+                where = np.zeros_like(no_patch[site])
                 if unit_axis:
                     where[0, pos, u] = True
                 else:
                     where[0, pos] = True
-                out[layer, u, j] = patched(params, layer, where)
+                out[layer, u, j] = _patched_forward(params, target, mask, layer, no_patch | {site: where}, values, cfg)
     shape = (cfg.n_layers,) + ((n_units,) if unit_axis else ()) + ((len(positions),) if by_position else ()) + (-1,)
     return out.reshape(shape)
 
@@ -99,22 +103,23 @@ def test_sweep_equals_loop_of_single_patched_forwards(gemma3, site, by_position,
     assert np.ptp(result.scores) > 1e-2  # the patches do something
 
 
-@pytest.mark.parametrize("site,by_position", [("resid_pre", True), ("attn_z", True)])
-def test_prefix_reuse_off_agrees(gemma3, site, by_position):
-    reuse = _sweep(gemma3, site, "noise", by_position=by_position, chunk_size=8)
-    full = _sweep(gemma3, site, "noise", by_position=by_position, chunk_size=8, prefix_reuse=False)
+def test_prefix_reuse_off_agrees(gemma3):
+    reuse = _sweep(gemma3, "resid_pre", "noise", chunk_size=8)
+    full = _sweep(gemma3, "resid_pre", "noise", chunk_size=8, prefix_reuse=False)
     assert np.abs(reuse.per_example - full.per_example).max() <= 1e-5
 
 
-def test_whole_residual_patch_recovers_the_source_run(gemma3):
-    """Patching resid_pre at every position writes in the source run: normalized score 1 (denoise), 0 (noise)."""
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_patching_the_last_residual_recovers_the_source_run(gemma3, direction):
+    """resid_post of the last layer at the last position is all the logits see: the source's metric, exactly."""
     clean, corrupt, mask = _pair_batch()
     pairs = PromptPairs(clean, corrupt, mask, np.zeros_like(mask, bool))
-    for direction, expected in (("denoise", 1.0), ("noise", 0.0)):
-        result = ap.patching_sweep(gemma3.params, gemma3.cfg, pairs, metric=logit_diff, metric_args=(ANSWER, OTHERS),
-                                   by_position=False, direction=direction)
-        assert result.axes == ("layer",)
-        np.testing.assert_allclose(result.normalized(), expected, atol=1e-4)
+    result = ap.patching_sweep(gemma3.params, gemma3.cfg, pairs, metric=logit_diff, metric_args=(ANSWER, OTHERS),
+                               site="resid_post", direction=direction, chunk_size=8)
+    source = result.clean if direction == "denoise" else result.corrupt
+    np.testing.assert_allclose(result.per_example[-1, -1], source, atol=1e-5)
+    np.testing.assert_allclose(result.normalized()[-1, -1], 1.0 if direction == "denoise" else 0.0, atol=1e-5)
+    assert np.abs(result.normalized()[:-1, -1] - result.normalized()[-1, -1]).max() > 1e-2  # earlier layers differ
 
 
 def test_one_compile_serves_new_data_of_the_same_shapes(gemma3):
@@ -122,7 +127,7 @@ def test_one_compile_serves_new_data_of_the_same_shapes(gemma3):
     kw = dict(metric=logit_diff, site="mlp_out", chunk_size=4)
     ap.patching_sweep(gemma3.params, gemma3.cfg, clean, corrupt, mask, metric_args=(ANSWER, OTHERS), **kw)
     before = ap._sweep._cache_size()
-    ap.patching_sweep(gemma3.params, gemma3.cfg, corrupt, clean, mask, metric_args=(OTHERS[:, 0], ANSWER),
+    ap.patching_sweep(gemma3.params, gemma3.cfg, corrupt, clean, mask, metric_args=(ANSWER[::-1], OTHERS[::-1]),
                       direction="noise", **kw)
     assert ap._sweep._cache_size() == before
 
@@ -174,7 +179,7 @@ def test_head_sweep_matches_torch_hooks(pair, direction):
     target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     o_proj = lambda layer: hf.model.layers[layer].self_attn.o_proj  # noqa: E731
     z = {}
-    handles = [o_proj(layer).register_forward_pre_hook(lambda mod, args, layer=layer: z.__setitem__(layer, args[0].clone()))
+    handles = [o_proj(layer).register_forward_pre_hook(lambda mod, args, i=layer: z.__setitem__(i, args[0].clone()))
                for layer in range(cfg.n_layers)]
     hf_forward(hf, source, mask)
     for handle in handles:

@@ -12,7 +12,8 @@ Sites and their sweep axes (B batch, T positions, H heads, F d_mlp, L layers):
   resid_pre / resid_mid / resid_post / attn_out / mlp_out: (layer[, pos])
   attn_z (one head's output, all its positions):        (layer, head[, pos])
   mlp_hidden (one neuron):                               (layer, neuron[, pos])
-`pos` is present when `by_position` (default: True for the residual stream, False otherwise).
+`pos` is present when `by_position` (default: True for the residual stream, False otherwise); it
+indexes the padded T axis, so padding positions score as the unpatched target run.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def patching_sweep(
     if site not in UNIT_AXIS:
         raise JaxeditError(f"cannot sweep site {site!r}: choose one of {', '.join(UNIT_AXIS)}")
     if direction not in DIRECTIONS:
-        raise JaxeditError(f"unknown direction {direction!r}: use 'denoise' (clean into corrupt) or 'noise' (corrupt into clean)")
+        raise JaxeditError(f"unknown direction {direction!r}: use 'denoise' (clean into corrupt) "
+                           "or 'noise' (corrupt into clean)")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise JaxeditError(f"chunk_size must be a positive int, got {chunk_size!r}")
     by_position = site in RESID_SITES if by_position is None else bool(by_position)
@@ -95,7 +97,8 @@ def patching_sweep(
     per_site, target_metric, source_metric = jax.device_get(_sweep(
         params, target, source, attention_mask, tuple(jnp.asarray(a) for a in metric_args), cfg=cfg, metric=metric,
         site=site, by_position=by_position, chunk_size=chunk_size, prefix_reuse=prefix_reuse))
-    clean_metric, corrupt_metric = (source_metric, target_metric) if direction == "denoise" else (target_metric, source_metric)
+    denoise = direction == "denoise"
+    clean_metric, corrupt_metric = (source_metric, target_metric) if denoise else (target_metric, source_metric)
     unit = UNIT_AXIS[site]
     axes = ("layer",) + ((unit,) if unit else ()) + (("pos",) if by_position else ())
     return PatchingResult(per_site.mean(-1), per_site, axes, clean_metric, corrupt_metric, site, direction)
@@ -111,8 +114,9 @@ def _inputs(clean, corrupt, attention_mask):
         raise JaxeditError("patching needs clean and corrupt tokens and their attention_mask (or a PromptPairs)")
     clean, corrupt, attention_mask = (jnp.asarray(a, jnp.int32) for a in (clean, corrupt, attention_mask))
     if clean.ndim != 2 or clean.shape != corrupt.shape or clean.shape != attention_mask.shape:
-        raise JaxeditError(f"clean {clean.shape}, corrupt {corrupt.shape} and attention_mask {attention_mask.shape} "
-                           "must all be [B,T] and equal: align the pairs token by token (corruptions.resample_subjects)")
+        shapes = f"clean {clean.shape}, corrupt {corrupt.shape} and attention_mask {attention_mask.shape}"
+        raise JaxeditError(f"{shapes} must all be [B,T] and equal: align the pairs token by token "
+                           "(corruptions.resample_subjects)")
     return clean, corrupt, attention_mask
 
 
@@ -139,7 +143,8 @@ def _sweep(params, target, source, attention_mask, metric_args, *, cfg, metric, 
     def score(logits):
         out = metric(logits, *metric_args)
         if out.shape != (b,):
-            raise JaxeditError(f"metric returned shape {out.shape}: it must map logits [B,V] to one value per prompt [B]")
+            raise JaxeditError(f"metric returned shape {out.shape}: it must map logits [B,V] to one value per "
+                               "prompt [B]")
         return out
 
     def run(tokens, capture=(), edits=None):
@@ -157,12 +162,12 @@ def _sweep(params, target, source, attention_mask, metric_args, *, cfg, metric, 
     def layer_scores(layer):
         take = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # noqa: E731
         value = take(values)
-        layer_params = jax.tree.map(take, params["layers"])
 
         def patched_suffix(i):
+            """Layer `layer` with the patch, from the target's cached input, then the unpatched layers after it."""
             edit = SiteEdit(mask=_site_mask(i, value.ndim, t, n_units, by_position), value=value)
-            x = core.block(cfg, layer_params, take(target_cache["resid_pre"]), ctx, take(consts.inv_freq),
-                           take(consts.is_local), core._Sites({site: edit}, ()))
+            x = core.block(cfg, jax.tree.map(take, params["layers"]), take(target_cache["resid_pre"]), ctx,
+                           take(consts.inv_freq), take(consts.is_local), core._Sites({site: edit}, ()))
             x = core.run_from(cfg, params, x, ctx, layer + 1)
             return score(core.unembed(cfg, params, jnp.take_along_axis(x, last[..., None], axis=1)[:, 0]))
 
