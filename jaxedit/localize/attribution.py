@@ -35,7 +35,10 @@ AtP* options (Kramár et al. 2024):
              Components of layer l itself get AtP_l(n) = 0 (their only route to the metric is cut),
              hence L−1. Scores are then magnitudes (≥ 0): the sign is lost by construction. The |·|
              is taken on the data-set score (sum over prompts), the quantity the localizer ranks; the
-             paper takes it per prompt pair. Costs L extra forward+backward passes per chunk.
+             paper takes it per prompt pair. The cut is an edit `where(layer == l, stop_gradient(clean
+             value), act)` on attn_out and mlp_out: the forward is unchanged, the backward stops there.
+             Costs 2 forwards + L+1 forward+backward passes per chunk (the extra one, with nothing
+             dropped, gives the signed AtP scores, returned as `signed`).
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class AttributionScores:
     metric_clean: float  # M over the clean prompts
     metric_corrupt: float  # M over the corrupted prompts
     normalized: bool  # scores divided by (metric_clean − metric_corrupt)
+    signed: dict[str, np.ndarray] | None = None  # with grad_drop: the signed AtP (+QK fix) scores of the same run
 
 
 def attribution_patching(
@@ -105,35 +109,42 @@ def attribution_patching(
 
     targets: pytree of arrays with leading N, passed per chunk to `metric` (a module-level function,
     static under jit). Prompts are processed `chunk` at a time (the last chunk padded with zero-weight
-    rows), all chunks in one compiled program.
+    rows), all chunks in one compiled program; remat=True rematerializes each layer in the backward
+    pass (less memory for large models).
     """
     _check(cfg, clean, corrupt, attention_mask, sites, grad_drop, chunk)
     n = int(np.shape(clean)[0])
     chunk = min(chunk, n)
     n_chunks = -(-n // chunk)
     rows = np.concatenate([np.arange(n), np.zeros(n_chunks * chunk - n, int)])
-    weight = (np.arange(n_chunks * chunk) < n).astype(np.float32)
+    weight = jnp.asarray(np.arange(n_chunks * chunk) < n, jnp.float32).reshape(n_chunks, chunk)
 
     def split(a):
         a = jnp.asarray(a)[rows]
         return a.reshape((n_chunks, chunk) + a.shape[1:])
 
-    batches = (split(clean), split(corrupt), split(attention_mask), split(weight), jax.tree.map(split, targets))
+    batches = (split(clean), split(corrupt), split(attention_mask), weight, jax.tree.map(split, targets))
     sums, clean_sum, corrupt_sum = _attribute(params, batches, cfg, metric, tuple(sites), qk_fix, grad_drop, remat)
     m_clean, m_corrupt = float(clean_sum) / n, float(corrupt_sum) / n
+    if normalize and m_clean == m_corrupt:
+        raise JaxeditError(f"clean and corrupted prompts give the same metric {m_clean}: the corruption does nothing "
+                           "to normalize by; check the pairs or pass normalize=False")
     scale = n * (m_clean - m_corrupt if normalize else 1.0)
-    scores = {}
-    for site, total in jax.device_get(sums).items():
-        total = np.asarray(total, np.float64) / scale
-        scores[site] = np.abs(total).sum(0) / (cfg.n_layers - 1) if grad_drop else total
+    totals = {site: np.asarray(total, np.float64) / scale for site, total in jax.device_get(sums).items()}
+    signed = None
+    if grad_drop:  # totals [L+1, L, ...]: row l has layer l dropped, row L nothing dropped
+        signed = {site: total[-1] for site, total in totals.items()}
+        totals = {site: np.abs(total[:-1]).sum(0) / (cfg.n_layers - 1) for site, total in totals.items()}
     method = {(False, False): "atp", (True, False): "atp+qk", (False, True): "atp+graddrop", (True, True): "atp*"}
-    return AttributionScores(scores, {s: AXES[s] for s in sites}, method[qk_fix, grad_drop], m_clean, m_corrupt, normalize)
+    return AttributionScores(totals, {s: AXES[s] for s in sites}, method[qk_fix, grad_drop], m_clean, m_corrupt,
+                             normalize, signed)
 
 
 def _check(cfg, clean, corrupt, attention_mask, sites, grad_drop, chunk) -> None:
     unknown = sorted(set(sites) - set(ATTRIBUTION_SITES))
     if unknown or not sites:
-        raise JaxeditError(f"attribution sites {unknown or '()'} not supported: choose from {', '.join(ATTRIBUTION_SITES)}")
+        raise JaxeditError(f"attribution sites {unknown or '()'} not supported: "
+                           f"choose from {', '.join(ATTRIBUTION_SITES)}")
     if not np.shape(clean) == np.shape(corrupt) == np.shape(attention_mask) or len(np.shape(clean)) != 2:
         raise JaxeditError(f"clean {np.shape(clean)}, corrupt {np.shape(corrupt)} and attention_mask "
                            f"{np.shape(attention_mask)} must all be [N,T]: align the prompt pairs token by token")
@@ -212,12 +223,12 @@ def _chunk(params, cfg, metric, sites, qk_fix, grad_drop, remat, batch):
         return out
 
     if grad_drop:
-        def drop_layer(layer):
+        def drop_layer(layer):  # layer == L drops nothing
             grads = jax.grad(lambda d: objective(d, (layer, held))[0])(zeros)
             own = jnp.arange(cfg.n_layers) == layer  # the own-layer term is 0 by definition (cut route)
             return {s: jnp.where(own.reshape((-1,) + (1,) * (v.ndim - 1)), 0.0, v) for s, v in scores(grads).items()}
 
-        site_scores = jax.lax.map(drop_layer, jnp.arange(cfg.n_layers))  # {site: [L_drop, L, ...]}
+        site_scores = jax.lax.map(drop_layer, jnp.arange(cfg.n_layers + 1))  # {site: [L+1, L, ...]}
     else:
         site_scores = scores(grads)
     return site_scores, (clean_m * weight).sum(), (corrupt_m * weight).sum()
