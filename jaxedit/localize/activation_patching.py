@@ -167,7 +167,7 @@ def _sweep(params, target, source, attention_mask, metric_args, *, cfg, metric, 
             """Layer `layer` with the patch, from the target's cached input, then the unpatched layers after it."""
             edit = SiteEdit(mask=_site_mask(i, value.ndim, t, n_units, by_position), value=value)
             x = core.block(cfg, jax.tree.map(take, params["layers"]), take(target_cache["resid_pre"]), ctx,
-                           take(consts.inv_freq), take(consts.is_local), core._Sites({site: edit}, ()))
+                           take(consts.inv_freq), take(consts.is_local), core.Sites({site: edit}, ()))
             x = core.run_from(cfg, params, x, ctx, layer + 1)
             return score(core.unembed(cfg, params, jnp.take_along_axis(x, last[..., None], axis=1)[:, 0]))
 

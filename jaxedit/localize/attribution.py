@@ -241,7 +241,7 @@ def _f32(a: jax.Array) -> jax.Array:
 def _qk_delta_z(cfg, params, mask, clean_cache, corrupt_cache) -> dict[str, jax.Array]:
     """Δz [L,B,T,H,E] from each layer's attention recomputed exactly with corrupted q (resp. k), clean v.
 
-    Uses the model's own attention (`core._attention`) with q/k/v supplied through its site hook, so
+    Uses the model's own attention (`core.attention`) with q/k/v supplied through its site hook, so
     q/k-norm, RoPE, scaling, soft-cap and (sliding) masks are exactly the forward's. Heads do not mix:
     corrupting every head's q (every kv head's k) at once gives each head's own single-head patch.
     """
@@ -254,7 +254,7 @@ def _qk_delta_z(cfg, params, mask, clean_cache, corrupt_cache) -> dict[str, jax.
         def z(q, k):
             acts = {"attn_q": q, "attn_k": k, "attn_v": v}
             unused = jnp.zeros(q.shape[:2] + (cfg.d_model,), q.dtype)  # projections are replaced below
-            return core._attention(cfg, p, unused, ctx, inv_freq, is_local, lambda name, act: acts.get(name, act))
+            return core.attention(cfg, p, unused, ctx, inv_freq, is_local, lambda name, act: acts.get(name, act))
 
         base = z(q, k)
         return {"attn_q": z(q_new, k) - base, "attn_k": z(q, k_new) - base}

@@ -99,7 +99,7 @@ def _rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     return x * cos + jnp.concatenate([-second, first], axis=-1) * sin
 
 
-class _Sites:
+class Sites:
     """Applies this layer's edits and records captures, site by site."""
 
     def __init__(self, edits: dict[str, SiteEdit], capture: tuple[str, ...]):
@@ -112,7 +112,7 @@ class _Sites:
         return act
 
 
-def _attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: _Sites) -> jax.Array:
+def attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: Sites) -> jax.Array:
     """Grouped-query attention of normalized input x [B,T,D]; returns z [B,T,H,E]."""
     q = jnp.einsum("btd,dhe->bthe", x, p["wq"])
     k = jnp.einsum("btd,dke->btke", x, p["wk"])
@@ -139,7 +139,7 @@ def _attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, 
     return site("attn_z", z)
 
 
-def _mlp(cfg: ModelConfig, p: dict, x: jax.Array, site: _Sites) -> jax.Array:
+def _mlp(cfg: ModelConfig, p: dict, x: jax.Array, site: Sites) -> jax.Array:
     """MLP of normalized input x [B,T,D] -> [B,T,D]."""
     up = x @ p["w_up"]
     if cfg.mlp_bias:
@@ -155,11 +155,11 @@ def _mlp(cfg: ModelConfig, p: dict, x: jax.Array, site: _Sites) -> jax.Array:
     return out + p["b_down"] if cfg.mlp_bias else out
 
 
-def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: _Sites) -> jax.Array:
+def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: Sites) -> jax.Array:
     """One decoder layer on residual x [B,T,D], with one layer's params `lp` (no L axis)."""
     x = site("resid_pre", x)
     h = site("attn_in", _norm(cfg, lp["attn_norm"], x))
-    z = _attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site)
+    z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site)
     attn_out = jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"])
     if cfg.attn_bias:
         attn_out = attn_out + lp["attn"]["bo"]
@@ -203,7 +203,7 @@ def run_layers(
 
     def body(x, scanned):
         lp, inv_freq, is_local, layer_edits = scanned
-        site = _Sites(layer_edits, layer_capture)
+        site = Sites(layer_edits, layer_capture)
         x = block(cfg, lp, x, ctx, inv_freq, is_local, site)
         return x, site.captured
 
@@ -235,7 +235,7 @@ def run_from(
     def body(i, x):
         take = lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731
         lp, layer_edits = jax.tree.map(take, (params["layers"], edits))
-        return block(cfg, lp, x, ctx, consts.inv_freq[i], consts.is_local[i], _Sites(layer_edits, ()))
+        return block(cfg, lp, x, ctx, consts.inv_freq[i], consts.is_local[i], Sites(layer_edits, ()))
 
     return jax.lax.fori_loop(start, cfg.n_layers, body, x)
 
