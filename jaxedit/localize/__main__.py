@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import time
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxedit.localize", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma-3-270m", help="registry name, HF directory or .gguf file")
     parser.add_argument("--facts", default=None, help="sports CSV (built-in or the paper's sports.csv schema)")
-    parser.add_argument("--out", default="runs/localize", help="output directory (must not exist yet)")
+    parser.add_argument("--out", default=time.strftime("runs/localize-%Y%m%d-%H%M%S"),
+                        help="output directory (must not exist yet; default: a new one under runs/)")
     parser.add_argument("--n-facts", type=int, default=LocalizeSettings.n_facts, help="known facts to patch and trace")
     parser.add_argument("--n-probe", type=int, default=LocalizeSettings.n_probe, help="facts to train probes on")
     parser.add_argument("--ct-samples", type=int, default=LocalizeSettings.ct_samples, help="noise samples")

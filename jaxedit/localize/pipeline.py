@@ -30,11 +30,11 @@ from jaxedit.localize.corruptions import resample_subjects
 class LocalizeSettings:
     """What to run: facts patched/traced (`n_facts`), probe facts (`n_probe`), seeds, CT noise samples."""
 
-    n_facts: int = 32
+    n_facts: int = 24
     n_probe: int = 300
     seed: int = 0
     threshold: float = 0.02
-    ct_samples: int = 5
+    ct_samples: int = 3
     ct_noise: str = "rome"
     rule: str = "fill"
 

@@ -1,0 +1,34 @@
+"""The command-line entry points fail on bad input with one line and a non-zero exit."""
+
+import subprocess
+import sys
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(result):
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_predict_unknown_model():
+    line = _one_error_line(_run("jaxedit.predict", "--model", "no-such-model"))
+    assert "gemma-3-270m" in line  # names what is known
+
+
+def test_localize_refuses_an_existing_output_directory(tmp_path):
+    line = _one_error_line(_run("jaxedit.localize", "--out", str(tmp_path)))
+    assert "already exists" in line
+
+
+def test_localize_bad_facts_file(tmp_path):
+    bad = tmp_path / "facts.csv"
+    bad.write_text("name,team\nA,B\n")
+    line = _one_error_line(_run("jaxedit.localize", "--model", "smollm2-135m", "--facts", str(bad),
+                                "--out", str(tmp_path / "out")))
+    assert "missing column" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
