@@ -1,0 +1,1 @@
+"""Editing and unlearning by training only localized parameters (masked optax, losses, LoRA)."""

@@ -1,0 +1,100 @@
+"""Masked AdamW that leaves every parameter outside the mask bit-identical (method.md §4.3).
+
+Masks are params-shaped pytrees of bool leaves that broadcast against their parameters (True =
+may change), as built by `jaxedit.localize.components.trainable_mask`. Leaves whose mask is all
+False are split off (`split_trainable`) so they get neither a gradient nor optimizer state; the
+remaining, partially trainable leaves keep their broadcasting mask, applied to the gradient first
+(before global-norm clipping, so frozen entries do not count in the norm) and to the update last.
+`optax.masked` is not used: it passes masked-out gradients through unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxedit.errors import JaxeditError
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _zip(params, mask, name: str):
+    try:
+        return jax.tree.map(lambda p, m: (p, m), params, mask)
+    except ValueError as err:
+        raise JaxeditError(f"{name} does not have the params' tree structure ({err}): "
+                           "build it from this model's config") from None
+
+
+def split_trainable(params, mask) -> tuple[dict, dict]:
+    """(trainable, frozen): two params-shaped trees, each leaf in exactly one, None in the other.
+
+    A leaf is trainable when any entry of its mask is True; it stays whole (its mask still applies).
+    """
+    pairs = _zip(params, mask, "mask")
+    is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+    trainable = jax.tree.map(lambda pm: pm[0] if np.any(pm[1]) else None, pairs, is_leaf=is_pair)
+    frozen = jax.tree.map(lambda pm: None if np.any(pm[1]) else pm[0], pairs, is_leaf=is_pair)
+    return trainable, frozen
+
+
+def merge(trainable, frozen) -> dict:
+    """The full params tree back from `split_trainable`'s halves."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=_is_none)
+
+
+def trainable_part(mask) -> dict:
+    """The mask restricted to trainable leaves (None elsewhere), shaped like `split_trainable`'s first half."""
+    return jax.tree.map(lambda m: np.asarray(m, bool) if np.any(m) else None, mask)
+
+
+def _where_mask(mask):
+    """A stateless transformation zeroing every update entry where the mask is False."""
+
+    def update(updates, state, params=None):
+        del params
+        out = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros((), u.dtype)), updates, mask)
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def cosine_schedule(lr: float, steps: int, warmup: int = 0) -> optax.Schedule:
+    """torch `CosineAnnealingLR(T_max=steps)`: lr·(1 + cos(π t / steps)) / 2, 0 at t = steps (§4.3).
+
+    With warmup > 0: linear 0 → lr over `warmup` steps, then the cosine over the remaining steps.
+    """
+    if steps <= 0 or warmup < 0 or warmup >= steps:
+        raise JaxeditError(f"cosine schedule needs steps > warmup ≥ 0, got steps={steps}, warmup={warmup}")
+    if warmup == 0:
+        return optax.cosine_decay_schedule(lr, steps)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps)
+
+
+def masked_adamw(mask, lr_schedule, weight_decay: float = 0.0, clip_norm: float | None = 1.0,
+                 accumulate: int = 1, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                 mu_dtype=None) -> optax.GradientTransformation:
+    """mask grad → clip by global norm → AdamW → mask update; `accumulate` > 1 wraps it in `optax.MultiSteps`.
+
+    mask: the trainable leaves' masks (`trainable_part(mask)`), structured like the trainable tree.
+    Defaults are torch's AdamW betas/eps with weight decay 0 (§4.3). With accumulate=k the update
+    is applied every k calls, on the mean of the k gradients (zero updates in between).
+    """
+    chain = [_where_mask(mask)]
+    if clip_norm is not None:
+        chain.append(optax.clip_by_global_norm(clip_norm))
+    chain += [optax.adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype),
+              _where_mask(mask)]
+    opt = optax.chain(*chain)
+    if accumulate > 1:
+        return optax.MultiSteps(opt, every_k_schedule=accumulate).gradient_transformation()
+    return opt
+
+
+def apply_masked_updates(params, updates, mask):
+    """params + updates where the mask is True; the very same bits elsewhere (even -0.0)."""
+    return jax.tree.map(lambda p, u, m: jnp.where(m, (p + u).astype(p.dtype), p), params, updates, mask)

@@ -1,0 +1,202 @@
+"""The masked training step and loop (method.md §4.2–4.4), and the paper's hyper-parameter presets.
+
+A batch is a dict with any of (each key's arrays keep one shape so the step compiles once):
+  'forget'   {'tokens' [B,T], 'mask' [B,T], 'target' [B], optional 'weight' [B]}: injection CE to
+             the new answer's first token (or log(1 − p) of the true one when unlearning)
+  'maintain' same fields: CE to the true answer's first token
+  'lm'       {'tokens' [B,T], 'mask' [B,T]}: general text, next-token CE and optional KL to the
+             original model
+L = forget_coef · L_forget + maintain_coef · L_maintain + lm_coef · L_lm + kl_coef · KL (§4.2).
+One optimizer step is `accumulate` calls of the step (the paper: 16 micro-batches of 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from jaxedit.edit import losses
+from jaxedit.edit.lora import apply_lora, init_lora
+from jaxedit.edit.optim import (apply_masked_updates, cosine_schedule, masked_adamw, merge, split_trainable,
+                                trainable_part)
+from jaxedit.errors import JaxeditError
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Coefficients of the loss terms (static under jit); a zero coefficient skips its term."""
+
+    forget: float = 1.0
+    maintain: float = 1.0
+    lm: float = 1.0
+    kl: float = 0.0
+    unlearn: bool = False  # log(1 − p) of the true answer instead of injection CE
+    threshold: float = losses.UNLEARN_THRESHOLD
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    """Training hyper-parameters; defaults are the paper's fixed ones (§4.3–4.4) except lr/coef."""
+
+    lr: float = 1e-5
+    forget_loss_coef: float = 1.0
+    maintain_coef: float = 1.0
+    lm_coef: float = 1.0
+    kl_coef: float = 0.0
+    unlearn: bool = False
+    accumulate: int = 16
+    clip_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    warmup: int = 0
+    dtype: str = "float32"
+    remat: bool = False
+    lora_rank: int | None = None  # set: train LoRA adapters on all linear layers instead of the mask
+    lora_alpha: float = 16.0
+    seed: int = 0
+    progress: bool = True
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.forget_loss_coef, self.maintain_coef, self.lm_coef, self.kl_coef, self.unlearn)
+
+
+def full_params(trainable, frozen, lora: LoraSpec | None = None) -> dict:
+    """The params the forward sees: merged halves, or base + LoRA adapters."""
+    return apply_lora(frozen, trainable, lora.alpha, lora.rank) if lora else merge(trainable, frozen)
+
+
+def loss_terms(trainable, frozen, batch: dict, cfg, weights: LossWeights, lora: LoraSpec | None = None,
+               reference=None, remat: bool = False) -> tuple[jax.Array, dict]:
+    """(total loss, {term: value}) of one batch."""
+    params = full_params(trainable, frozen, lora)
+    terms, coefs = {}, {"forget": weights.forget, "maintain": weights.maintain, "lm": weights.lm, "kl": weights.kl}
+    for name in ("forget", "maintain"):
+        if name in batch and coefs[name]:
+            b = batch[name]
+            logits = losses.last_logits(params, cfg, b["tokens"], b["mask"], remat)
+            if name == "forget" and weights.unlearn:
+                terms[name] = losses.log1m_p_loss(logits, b["target"], b.get("weight"), weights.threshold)
+            else:
+                terms[name] = losses.cross_entropy(logits, b["target"], b.get("weight"))
+    if "lm" in batch and (weights.lm or weights.kl):
+        b = batch["lm"]
+        logits = losses.next_token_logits(params, cfg, b["tokens"], b["mask"], remat)
+        if weights.lm:
+            terms["lm"] = losses.lm_loss(logits, b["tokens"], b["mask"])
+        if weights.kl:
+            if reference is None:
+                raise JaxeditError("a KL term needs the original trainable values: pass reference=")
+            original = full_params(jax.lax.stop_gradient(reference), frozen, lora)
+            ref_logits = losses.next_token_logits(original, cfg, b["tokens"], b["mask"], remat)
+            terms["kl"] = losses.kl_loss(ref_logits, logits, b["mask"][:, :-1])
+    if not terms:
+        raise JaxeditError(f"the batch has no term with a nonzero coefficient (keys {sorted(batch)}, "
+                           f"weights {weights}): add a term or raise its coefficient")
+    total = sum(coefs[name] * value for name, value in terms.items())
+    return total, terms
+
+
+@partial(jax.jit, static_argnames=("cfg", "loss_weights", "optimizer", "lora", "remat"), donate_argnums=(0, 2))
+def train_step(trainable, frozen, opt_state, batch, cfg, loss_weights: LossWeights, optimizer, mask,
+               reference=None, lora: LoraSpec | None = None, remat: bool = False):
+    """One micro-step: gradients w.r.t. the trainable leaves only, masked optimizer update.
+
+    mask: the trainable leaves' masks (`optim.trainable_part`), the same that built `optimizer`.
+    Returns (trainable, opt_state, metrics {'loss', 'grad_norm' (masked, before clipping), terms}).
+    """
+    grad_fn = jax.value_and_grad(loss_terms, has_aux=True)
+    (total, terms), grads = grad_fn(trainable, frozen, batch, cfg, loss_weights, lora, reference, remat)
+    masked = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, mask)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = apply_masked_updates(trainable, updates, mask)
+    return trainable, opt_state, dict(terms, loss=total, grad_norm=optax.global_norm(masked))
+
+
+def _cast(params, dtype: str):
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
+def train(model, mask, batches_fn: Callable[[int], dict], steps: int, hparams: HParams,
+          on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train for `steps` optimizer steps (× hparams.accumulate micro-batches `batches_fn(i)`); return params.
+
+    mask: a params-shaped broadcasting bool tree (`Localization.mask`); ignored with LoRA, where the
+    returned params are the merged base + adapters. A fresh optimizer and cosine schedule per call
+    (sequential editing, §4.5, calls this once per partition). on_step(step, metrics) after each
+    optimizer step (host sync only then).
+    """
+    params = _cast(model.params, hparams.dtype)
+    if hparams.lora_rank:
+        lora = LoraSpec(hparams.lora_rank, hparams.lora_alpha)
+        trainable, frozen = init_lora(params, lora.rank, jax.random.key(hparams.seed), dtype=hparams.dtype), params
+        tmask = jax.tree.map(lambda a: np.ones((1,) * a.ndim, bool), trainable)
+    else:
+        lora = None
+        trainable, frozen = split_trainable(params, mask)
+        trainable = jax.tree.map(jnp.copy, trainable)  # train_step donates it; model.params stay valid
+        tmask = trainable_part(mask)
+    if not jax.tree.leaves(trainable):
+        raise JaxeditError("the mask selects no parameter: pick a localization with at least one component")
+    optimizer = masked_adamw(tmask, cosine_schedule(hparams.lr, steps, hparams.warmup), hparams.weight_decay,
+                             hparams.clip_norm, hparams.accumulate)
+    opt_state = optimizer.init(trainable)
+    reference = jax.tree.map(jnp.copy, trainable) if hparams.kl_coef else None
+    weights = hparams.loss_weights()
+    bar = tqdm(range(steps * hparams.accumulate), file=sys.stderr, disable=not hparams.progress, desc="train")
+    for i in bar:
+        trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batches_fn(i), model.cfg, weights,
+                                                   optimizer, tmask, reference, lora, hparams.remat)
+        if (i + 1) % hparams.accumulate == 0 and (on_step or hparams.progress):
+            metrics = jax.device_get(metrics)
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            if on_step:
+                on_step((i + 1) // hparams.accumulate - 1, metrics)
+    return full_params(trainable, frozen, lora)
+
+
+# §4.4: (lr, forget_loss_coef) per setting, model and localization group.
+_TABLE = {
+    ("sports_athletes", "gemma-7b"): ((1e-5, 5), (1e-5, 0.1), (2e-6, 0.2)),
+    ("sports_athletes", "gemma-2-9b"): ((1e-5, 1), (5e-5, 5), (2e-5, 5)),
+    ("sports_athletes", "llama-3-8b"): ((5e-5, 5), (1e-4, 2), (2e-5, 2)),
+    ("sport_to_golf", "gemma-7b"): ((2e-5, 5), (5e-6, 1), (5e-6, 1)),
+    ("sport_to_golf", "gemma-2-9b"): ((5e-5, 5), (5e-5, 5), (1e-5, 5)),
+    ("sport_to_golf", "llama-3-8b"): ((5e-5, 0.2), (5e-5, 1), (1e-5, 0.1)),
+    ("counterfact_16", "gemma-7b"): ((5e-6, 0.1), (5e-6, 0.2), (5e-6, 0.2)),
+    ("counterfact_64", "gemma-7b"): ((1e-5, 2), (2e-5, 1), (2e-6, 1)),
+    ("counterfact_16", "gemma-2-9b"): ((5e-5, 2), (5e-5, 2), (5e-6, 1)),
+    ("counterfact_64", "gemma-2-9b"): ((2e-5, 0.5), (2e-5, 2), (5e-6, 1)),
+    ("counterfact_16", "llama-3-8b"): ((1e-4, 1), (2e-5, 0.1), (2e-5, 2)),
+    ("counterfact_64", "llama-3-8b"): ((5e-5, 0.2), (5e-5, 2), (1e-5, 0.2)),
+}
+GROUPS = {"manual_interp": 0, "random_mlps": 0, "localized_ap_mlps": 0, "localized_ct_mlps": 0,
+          "localized_ap": 1, "localized_ct": 1, "random": 1, "nonlocalized": 2, "all_mlps": 2}
+PRESETS = {(setting, model, loc): {"lr": _TABLE[setting, model][g][0], "forget_loss_coef": _TABLE[setting, model][g][1],
+                                   "steps": 50, "batch_size": 4, "accumulate": 16, "clip_norm": 1.0}
+           for setting, model in _TABLE for loc, g in GROUPS.items()}
+SEQUENTIAL_STEPS = 25  # per partition (§4.5); counterfact_64 presets
+
+
+def preset(setting: str, model: str, localization: str) -> dict:
+    """The paper's hyper-parameters, e.g. preset('sports_athletes', 'gemma-7b', 'manual_interp')."""
+    try:
+        return dict(PRESETS[setting, model, localization])
+    except KeyError:
+        settings = sorted({s for s, _ in _TABLE})
+        models = sorted({m for _, m in _TABLE})
+        raise JaxeditError(f"no preset for ({setting!r}, {model!r}, {localization!r}): settings {settings}, "
+                           f"models {models}, localizations {sorted(GROUPS)}") from None

@@ -1,0 +1,249 @@
+"""Masked training leaves frozen parameters bit-identical; losses equal numpy; LoRA touches only adapters."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxedit import Model
+from jaxedit.edit import losses
+from jaxedit.edit.lora import apply_lora, init_lora
+from jaxedit.edit.optim import (cosine_schedule, masked_adamw, merge, split_trainable, trainable_part)
+from jaxedit.edit.train import HParams, LossWeights, preset, train, train_step
+from jaxedit.errors import JaxeditError
+from jaxedit.localize import components as C
+from jaxedit.models.config import config_from_hf
+from jaxedit.models.params import init_params
+
+CFG = config_from_hf(dict(model_type="llama", hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=4, vocab_size=64, hidden_act="silu"))
+B, T = 4, 6
+
+
+def _items(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _items(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+@pytest.fixture(scope="module")
+def model():
+    params = init_params(CFG, jax.random.key(0))
+    params["unembed"]["w"] = params["unembed"]["w"] * 50  # unit-scale logits, so any target is reachable
+    return Model(CFG, params, None)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    tok = lambda: jnp.asarray(rng.integers(1, CFG.vocab_size, (B, T)), jnp.int32)  # noqa: E731
+    mask = jnp.asarray(np.array([[1] * T, [1] * T, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3]), jnp.int32)
+    target = lambda: jnp.asarray(rng.integers(0, CFG.vocab_size, B), jnp.int32)  # noqa: E731
+    return {"forget": {"tokens": tok(), "mask": mask, "target": target()},
+            "maintain": {"tokens": tok(), "mask": mask, "target": target()},
+            "lm": {"tokens": tok(), "mask": mask}}
+
+
+def _mixed_mask():
+    """Head 1.0 (+ its kv head), whole MLP of layer 2, and wv of layer 0: partially trainable leaves."""
+    comps = C.Components.make(["head", "mlp", "wv"], [1, 2, 0], [0, -1, -1])
+    return C.trainable_mask(comps, CFG)
+
+
+def test_split_keeps_only_leaves_that_can_change(model):
+    mask = _mixed_mask()
+    trainable, frozen = split_trainable(model.params, mask)
+    kept = {path for path, leaf in _items(trainable) if leaf is not None}
+    want = {path for path, m in _items(mask) if np.any(m)}
+    assert kept == want == {("layers", "attn", n) for n in ("wq", "wk", "wv", "wo")} | {
+        ("layers", "mlp", n) for n in ("w_up", "w_gate", "w_down")}
+    assert len(jax.tree.leaves(trainable)) == len(want)  # embed, norms: no gradient, no optimizer state
+    opt = masked_adamw(trainable_part(mask), 1e-3)
+    state_sizes = sum(x.size for x in jax.tree.leaves(opt.init(trainable)) if x.ndim)
+    assert state_sizes == 2 * sum(x.size for x in jax.tree.leaves(trainable))
+    merged = merge(trainable, frozen)
+    for path, leaf in _items(model.params):
+        assert _get(merged, path) is leaf
+
+
+@pytest.mark.parametrize("dtype, terms", [("float32", ("forget", "maintain", "lm")), ("bfloat16", ("forget",))])
+def test_frozen_parameters_bit_identical_after_training(model, batch, dtype, terms):
+    mask = _mixed_mask()
+    before = jax.tree.map(np.asarray, model.params)
+    hp = HParams(lr=1e-2, forget_loss_coef=1.0, kl_coef=0.5 * ("lm" in terms), weight_decay=0.1, accumulate=1,
+                 dtype=dtype, progress=False)
+    after = train(model, mask, lambda i: {k: batch[k] for k in terms}, 4, hp)
+    for path, m in _items(mask):
+        old = np.asarray(jnp.asarray(before_leaf := _get(before, path)).astype(dtype))
+        new = np.asarray(_get(after, path))
+        free = np.broadcast_to(m, old.shape)
+        assert np.array_equal(new[~free], old[~free]), path  # frozen entries (and whole frozen leaves)
+        if free.any():
+            assert not np.array_equal(new[free], old[free]), path  # trainable entries moved
+        assert np.array_equal(np.asarray(_get(model.params, path)), before_leaf)  # the model's own params untouched
+
+
+def test_lora_changes_only_adapters(model, batch):
+    base = jax.tree.map(np.asarray, model.params)
+    hp = HParams(lr=1e-2, lora_rank=2, lora_alpha=4.0, accumulate=1, progress=False, seed=1)
+    merged = train(model, None, lambda i: batch, 3, hp)
+    for path, leaf in _items(model.params):
+        assert np.array_equal(np.asarray(leaf), _get(base, path))  # base never written
+    for path, leaf in _items(merged):
+        if path[-1] not in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+            assert np.array_equal(np.asarray(leaf), _get(base, path)), path
+        else:
+            assert not np.array_equal(np.asarray(leaf), _get(base, path)), path
+
+
+def test_lora_merged_view_is_w_plus_scaled_low_rank_map(model):
+    adapters = init_lora(model.params, 3, jax.random.key(2))
+    assert all(float(jnp.abs(ab["b"]).max()) == 0 for ab in adapters.values())
+    assert all(np.array_equal(np.asarray(_get(apply_lora(model.params, adapters, 8.0, 3), p)), np.asarray(leaf))
+               for p, leaf in _items(model.params))  # B = 0: the merged view is the base
+    adapters = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape), adapters)
+    merged = jax.jit(apply_lora, static_argnums=(2, 3))(model.params, adapters, 8.0, 3)
+    attn, mlp = model.params["layers"]["attn"], model.params["layers"]["mlp"]
+    rng = np.random.default_rng(0)
+    x, z = rng.normal(size=CFG.d_model), rng.normal(size=(CFG.n_heads, CFG.head_dim))
+    s, l = 8.0 / 3, 1
+    low = lambda name, v: s * (v @ np.asarray(adapters[name]["a"][l])) @ np.asarray(adapters[name]["b"][l])  # noqa
+    q = np.einsum("d,dhe->he", x, np.asarray(merged["layers"]["attn"]["wq"][l]))
+    np.testing.assert_allclose(q.ravel(), x @ np.asarray(attn["wq"][l]).reshape(CFG.d_model, -1) + low("wq", x),
+                               rtol=1e-5, atol=1e-5)
+    o = np.einsum("he,hed->d", z, np.asarray(merged["layers"]["attn"]["wo"][l]))
+    np.testing.assert_allclose(o, np.einsum("he,hed->d", z, np.asarray(attn["wo"][l])) + low("wo", z.ravel()),
+                               rtol=1e-5, atol=1e-5)
+    h = rng.normal(size=CFG.d_mlp)
+    np.testing.assert_allclose(h @ np.asarray(merged["layers"]["mlp"]["w_down"][l]),
+                               h @ np.asarray(mlp["w_down"][l]) + low("w_down", h), rtol=1e-5, atol=1e-5)
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_losses_equal_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 7)) * 2
+    target = np.array([0, 3, 6, 2])
+    logits[2, 6] = -30.0  # log p < -5: this row contributes 0 to the unlearning loss
+    weight = np.array([1.0, 1.0, 1.0, 0.0])
+    lp = _np_log_softmax(logits)
+    p = np.exp(lp[np.arange(4), target])
+    np.testing.assert_allclose(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(target)),
+                               -lp[np.arange(4), target].mean(), rtol=1e-6)
+    np.testing.assert_allclose(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(target), jnp.asarray(weight)),
+                               -lp[np.arange(3), target[:3]].mean(), rtol=1e-6)
+    assert np.log(p[2]) < -5 and np.all(np.log(p[[0, 1, 3]]) >= -5)
+    per_row = np.where(np.log(p) < -5, 0.0, -np.log1p(-p))
+    np.testing.assert_allclose(losses.log1m_p_loss(jnp.asarray(logits), jnp.asarray(target)), per_row.mean(),
+                               rtol=1e-5)
+    assert per_row[2] == 0 and per_row[0] > 0
+    # LM: next-token CE over real tokens only
+    tl = rng.normal(size=(2, 4, 7))
+    tokens = np.array([[1, 2, 3, 4, 5], [6, 0, 1, 0, 0]])
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    lps = _np_log_softmax(tl)
+    ce = [-lps[b, t, tokens[b, t + 1]] for b in range(2) for t in range(4) if mask[b, t + 1] and mask[b, t]]
+    np.testing.assert_allclose(losses.lm_loss(jnp.asarray(tl), jnp.asarray(tokens), jnp.asarray(mask)), np.mean(ce),
+                               rtol=1e-6)
+    # KL(reference || edited) over real positions
+    ref, new = rng.normal(size=(2, 4, 7)), rng.normal(size=(2, 4, 7))
+    pr, lr_, ln = np.exp(_np_log_softmax(ref)), _np_log_softmax(ref), _np_log_softmax(new)
+    kl = (pr * (lr_ - ln)).sum(-1)
+    np.testing.assert_allclose(losses.kl_loss(jnp.asarray(ref), jnp.asarray(new), jnp.asarray(mask[:, :-1])),
+                               kl[mask[:, :-1].astype(bool)].mean(), rtol=1e-6)
+
+
+def test_clipping_counts_only_trainable_gradients():
+    params = {"a": jnp.ones((3, 4)), "b": jnp.ones((2, 5))}
+    mask = {"a": np.array([[True], [False], [True]]), "b": np.ones((1, 1), bool)}
+    grads = {"a": jnp.asarray(np.arange(12.0).reshape(3, 4) * 100), "b": jnp.full((2, 5), 0.5)}
+    updates, _ = masked_adamw(mask, 0.1, clip_norm=0.3).update(grads, masked_adamw(mask, 0.1).init(params), params)
+    masked = {"a": grads["a"] * mask["a"], "b": grads["b"]}
+    ref_opt = optax.chain(optax.clip_by_global_norm(0.3), optax.adamw(0.1, weight_decay=0.0))
+    ref, _ = ref_opt.update(masked, ref_opt.init(params), params)
+    np.testing.assert_allclose(updates["a"], ref["a"] * mask["a"], rtol=1e-6)
+    np.testing.assert_allclose(updates["b"], ref["b"], rtol=1e-6)
+    assert np.all(np.asarray(updates["a"])[1] == 0)
+    # with the frozen row in the norm, the clipped gradients would be smaller: Adam's first step differs little,
+    # so compare the clipped gradients themselves.
+    clip = optax.clip_by_global_norm(0.3)
+    unmasked, _ = clip.update(grads, clip.init(params))
+    clipped, _ = clip.update(masked, clip.init(params))
+    assert not np.allclose(unmasked["b"], clipped["b"])
+
+
+def test_cosine_schedule_is_torch_cosine_annealing():
+    sched = cosine_schedule(2e-5, 50)
+    t = np.arange(51)
+    np.testing.assert_allclose([sched(i) for i in t], 2e-5 * (1 + np.cos(np.pi * t / 50)) / 2, rtol=1e-5, atol=1e-12)
+    with pytest.raises(JaxeditError):
+        cosine_schedule(1e-3, 5, warmup=5)
+
+
+def test_accumulation_equals_one_step_on_the_joint_batch(model, batch):
+    mask = _mixed_mask()
+    half = lambda sl: {"forget": {k: v[sl] for k, v in batch["forget"].items()}}  # noqa: E731
+    weights = LossWeights(forget=1.0, maintain=0.0, lm=0.0)
+    results = []
+    for k, parts in ((2, [half(slice(0, 2)), half(slice(2, 4))]), (1, [half(slice(0, 4))])):
+        trainable, frozen = split_trainable(model.params, mask)
+        trainable = jax.tree.map(jnp.copy, trainable)
+        tmask = trainable_part(mask)
+        opt = masked_adamw(tmask, 1e-2, accumulate=k, clip_norm=None)
+        state = opt.init(trainable)
+        for i, part in enumerate(parts):
+            prev = jax.tree.map(np.asarray, trainable)
+            trainable, state, _ = train_step(trainable, frozen, state, part, CFG, weights, opt, tmask)
+            if i < k - 1:
+                assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(prev),
+                                                                             jax.tree.leaves(trainable)))
+        results.append(trainable)
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_injection_loss_goes_down(model, batch):
+    mask = C.trainable_mask(C.mlp_layers(CFG, [0, 1]), CFG)
+    seen = []
+    hp = HParams(lr=1e-2, maintain_coef=0.0, lm_coef=0.0, accumulate=1, progress=False)
+    train(model, mask, lambda i: {"forget": batch["forget"]}, 20, hp, on_step=lambda s, m: seen.append(m["forget"]))
+    assert len(seen) == 20 and seen[-1] < 0.5 * seen[0]
+
+
+def test_unlearning_loss_lowers_true_probability(model, batch):
+    mask = C.trainable_mask(C.mlp_layers(CFG, [0, 1]), CFG)
+    forget = dict(batch["forget"])
+    forget["target"] = jnp.argmax(losses.last_logits(model.params, CFG, forget["tokens"], forget["mask"]), -1)
+    hp = HParams(lr=3e-3, unlearn=True, maintain_coef=0.0, lm_coef=0.0, accumulate=1, progress=False)
+    after = train(model, mask, lambda i: {"forget": forget}, 10, hp)
+    p = lambda params: jax.nn.softmax(losses.last_logits(params, CFG, forget["tokens"], forget["mask"]))[  # noqa
+        jnp.arange(B), forget["target"]]
+    assert np.all(np.asarray(p(after)) < np.asarray(p(model.params)))
+
+
+def test_presets_and_errors(model):
+    assert preset("sports_athletes", "gemma-7b", "manual_interp")["lr"] == 1e-5
+    assert preset("sports_athletes", "gemma-7b", "random")["forget_loss_coef"] == 0.1
+    assert preset("counterfact_64", "llama-3-8b", "all_mlps") | {} == {
+        "lr": 1e-5, "forget_loss_coef": 0.2, "steps": 50, "batch_size": 4, "accumulate": 16, "clip_norm": 1.0}
+    with pytest.raises(JaxeditError):
+        preset("sports", "gemma-7b", "manual_interp")
+    empty = C.trainable_mask(C.Components.make([], []), CFG)
+    with pytest.raises(JaxeditError):
+        train(model, empty, lambda i: {}, 1, HParams(progress=False))
+    assert math.isclose(HParams().lr, 1e-5)
