@@ -36,6 +36,7 @@ class Model:
     def forward(self, tokens, params=None, **kwargs):
         """`core.forward` under jit with this model's config (see there for the arguments)."""
         params = self.params if params is None else params
+        kwargs["capture"] = tuple(kwargs.get("capture", ()))  # static under jit: must be hashable
         return jitted_forward(params, jnp.asarray(tokens), self.cfg, **kwargs)
 
     def encode(self, texts: list[str], padding_side: str = "right", length: int | None = None):
