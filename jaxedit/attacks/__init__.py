@@ -1,0 +1,1 @@
+"""Attacks on an edit: relearning (method.md §5.8)."""

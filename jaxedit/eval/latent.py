@@ -1,0 +1,100 @@
+"""Latent-knowledge probing of an edit (method.md §5.6).
+
+Activations: the residual stream entering each layer (resid_pre of layers 0..L-1, i.e. HF
+`hidden_states[0 … L-1]`, index 0 = the scaled embeddings; the last block's output is not probed)
+at the subject's last token of the training-format prompt, left padding, under the EDITED params.
+Per layer, a multinomial logistic-regression probe (`localize.probes.fit_probe`) is fitted on the
+maintain athletes (true sport; a seeded 80/20 split gives the maintain test accuracy) and applied
+to the forget athletes: ground-truth accuracy (prediction == original sport; low = knowledge gone)
+and edit accuracy (prediction == injected sport). One compiled program fits every layer (vmap).
+Axes: L layers, N athletes, D d_model, C classes (the three team sports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit.data import sports
+from jaxedit.errors import JaxeditError
+from jaxedit.localize.fact_lookup import subject_last_tokens
+from jaxedit.localize.probes import fit_probe, split
+from jaxedit.models import core
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentResult:
+    """Per-layer probe accuracies [L]."""
+
+    maintain_test: np.ndarray  # held-out maintain athletes, true sport
+    forget_ground_truth: np.ndarray  # forget athletes, prediction == original sport
+    forget_edit: np.ndarray  # forget athletes, prediction == injected sport
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _resid_pre_at(params, tokens, mask, index, cfg):
+    _, cache = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=index[:, None],
+                            capture=("resid_pre",))
+    return jnp.take_along_axis(cache["resid_pre"], index[None, :, None, None], axis=2)[:, :, 0]
+
+
+def resid_pre_at(model, prompts: list[str], subjects: list[str], params=None, batch_size: int = 32) -> np.ndarray:
+    """resid_pre [L,N,D] of every layer at each prompt's subject-last token (constant batch shape)."""
+    params = model.params if params is None else params
+    ids, mask, index = subject_last_tokens(model.tokenizer, prompts, subjects, padding_side="left")
+    n, size = len(prompts), min(batch_size, len(prompts))
+    out = []
+    for start in range(0, n, size):
+        rows = np.arange(start, start + size) % n
+        out.append(_resid_pre_at(params, ids[rows], mask[rows], index[rows], model.cfg)[:, : n - start])
+    return np.asarray(jnp.concatenate(out, axis=1), np.float32)
+
+
+@partial(jax.jit, static_argnames=("n_classes", "steps"))
+def _probe_predictions(train_x, train_y, apply_x, l2, n_classes: int, steps: int):
+    """Predictions [L,M] of per-layer probes fitted on train_x [L,N,D], train_y [N], applied to apply_x [L,M,D]."""
+    mean = train_x.mean(axis=1, keepdims=True)
+    std = train_x.std(axis=1, keepdims=True)
+    std = jnp.where(std > 0, std, 1.0)
+    w, b = jax.vmap(fit_probe, in_axes=(0, None, None, None, None))((train_x - mean) / std, train_y, n_classes,
+                                                                     l2, steps)
+    logits = jnp.einsum("lmd,ldc->lmc", (apply_x - mean) / std, w) + b[:, None]
+    return logits.argmax(-1)
+
+
+def probe_predictions(train_x, train_y, apply_x, *, n_classes: int, C: float = 1.0, steps: int = 100) -> np.ndarray:
+    """Per-layer probe predictions [L,M]: fit on train_x [L,N,D] / train_y [N], predict apply_x [L,M,D]."""
+    train_x, apply_x = jnp.asarray(train_x, jnp.float32), jnp.asarray(apply_x, jnp.float32)
+    return np.asarray(_probe_predictions(train_x, jnp.asarray(train_y, jnp.int32), apply_x,
+                                         1.0 / (C * train_x.shape[1]), n_classes, steps))
+
+
+def probe_edit(maintain_x, maintain_y, forget_x, forget_true, forget_inject, *, n_classes: int = 3, seed: int = 0,
+               C: float = 1.0, steps: int = 100) -> LatentResult:
+    """Probe accuracies from features: maintain_x [L,N,D] with labels [N]; forget_x [L,M,D] with true/injected [M]."""
+    maintain_y = np.asarray(maintain_y)
+    train, test = split(len(maintain_y), seed)
+    apply_x = np.concatenate([np.asarray(maintain_x)[:, test], np.asarray(forget_x)], axis=1)
+    pred = probe_predictions(np.asarray(maintain_x)[:, train], maintain_y[train], apply_x, n_classes=n_classes,
+                             C=C, steps=steps)
+    held, forget = pred[:, : len(test)], pred[:, len(test):]
+    return LatentResult((held == maintain_y[test]).mean(-1), (forget == np.asarray(forget_true)).mean(-1),
+                        (forget == np.asarray(forget_inject)).mean(-1))
+
+
+def latent_knowledge(model, forget: list, maintain: list, *, params=None, seed: int = 0,
+                     inject_field: str = "inject_without_golf", steps: int = 100) -> LatentResult:
+    """§5.6 on sports facts: probes on the maintain athletes' activations under `params`, applied to `forget`."""
+    facts = list(maintain) + list(forget)
+    if any(f.sport not in sports.TEAM_SPORTS or getattr(f, inject_field) not in sports.TEAM_SPORTS for f in forget) \
+            or any(f.sport not in sports.TEAM_SPORTS for f in maintain):
+        raise JaxeditError("latent probing classifies the three team sports: drop golfers and golf injections")
+    x = resid_pre_at(model, [sports.prompt(f.athlete) for f in facts], [f.athlete for f in facts], params)
+    label = lambda rows, field: np.array([sports.TEAM_SPORTS.index(getattr(f, field)) for f in rows])  # noqa: E731
+    n = len(maintain)
+    return probe_edit(x[:, :n], label(maintain, "sport"), x[:, n:], label(forget, "sport"),
+                      label(forget, inject_field), seed=seed, steps=steps)
