@@ -1,1 +1,1 @@
-"""jaxedit benchmarks: `python -m benchmarks.forward` (more hot paths follow with the localization engine)."""
+"""jaxedit benchmarks: `python -m benchmarks` (the suite), `.forward` (load + forward), `.memory` (sweep memory)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -20,21 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxedit
+from benchmarks.suite import timed
 from jaxedit.models import core
 
 RESULTS = Path(__file__).parent / "results" / "forward.jsonl"
-
-
-def _timed(fn, *args, repeats: int):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def measure(name: str, batch: int, length: int, repeats: int, dtype: str) -> dict:
@@ -55,7 +43,7 @@ def measure(name: str, batch: int, length: int, repeats: int, dtype: str) -> dic
            "jax": jax.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     for label, full in (("last_logits", False), ("all_logits", True)):
         fn = jax.jit(run, static_argnums=2)
-        first, steady = _timed(fn, model.params, tokens, full, repeats=repeats)
+        first, steady = timed(fn, model.params, tokens, full, repeats=repeats)
         row[f"{label}_compile_s"] = round(first - steady, 2)
         row[f"{label}_tokens_per_s"] = round(batch * length / steady, 1)
     return row
