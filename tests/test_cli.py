@@ -10,9 +10,10 @@ def _run(*args):
 
 def _one_error_line(result):
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    return lines[0]
+    lines = result.stderr.strip().splitlines()  # progress lines (a first GGUF conversion) may come before
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0]
+    return errors[0]
 
 
 def test_predict_unknown_model():

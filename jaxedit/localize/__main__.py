@@ -29,8 +29,8 @@ def main(argv=None) -> int:
     try:
         if out.exists():
             raise JaxeditError(f"output directory {out} already exists: pass a new --out or remove it")
+        facts = load_sports(args.facts)  # cheap checks before the model loads
         model = jaxedit.load(args.model)
-        facts = load_sports(args.facts)
         settings = LocalizeSettings(n_facts=args.n_facts, n_probe=args.n_probe, seed=args.seed,
                                     ct_samples=args.ct_samples)
         partial = out.with_name(out.name + ".partial")
