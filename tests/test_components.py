@@ -36,7 +36,7 @@ def _materialized_count(mask, cfg):
     """Independent count: broadcast every leaf to its parameter's full shape and sum."""
     shapes = param_shapes(cfg)
     total = 0
-    for path, shape in C._items(shapes):
+    for path, shape in C.mask_leaves(shapes):
         leaf = mask
         for key in path:
             leaf = leaf[key]
@@ -119,7 +119,7 @@ def test_masks_broadcast_against_params_and_count_like_materialized(attn, mlp):
     masked = jax.tree.map(lambda m, g: np.where(m, g, 0.0), mask, grads)  # used as a gradient mask
     assert jax.tree.map(np.shape, masked) == jax.tree.map(np.shape, grads)
     assert sum(int(g.sum()) for g in jax.tree.leaves(masked)) == C.count_trainable(mask, param_shapes(cfg))
-    for path, shape in C._items(param_shapes(cfg)):
+    for path, shape in C.mask_leaves(param_shapes(cfg)):
         leaf = mask
         for key in path:
             leaf = leaf[key]

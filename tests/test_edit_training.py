@@ -15,6 +15,7 @@ from jaxedit.edit.optim import (cosine_schedule, masked_adamw, merge, split_trai
 from jaxedit.edit.train import HParams, LossWeights, preset, train, train_step
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import components as C
+from jaxedit.localize.components import mask_leaves
 from jaxedit.models.config import config_from_hf
 from jaxedit.models.params import init_params
 
@@ -22,13 +23,6 @@ CFG = config_from_hf(dict(model_type="llama", hidden_size=16, intermediate_size=
                           num_attention_heads=4, num_key_value_heads=2, head_dim=4, vocab_size=64, hidden_act="silu"))
 B, T = 4, 6
 
-
-def _items(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _items(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
 
 
 def _get(tree, path):
@@ -64,8 +58,8 @@ def _mixed_mask():
 def test_split_keeps_only_leaves_that_can_change(model):
     mask = _mixed_mask()
     trainable, frozen = split_trainable(model.params, mask)
-    kept = {path for path, leaf in _items(trainable) if leaf is not None}
-    want = {path for path, m in _items(mask) if np.any(m)}
+    kept = {path for path, leaf in mask_leaves(trainable) if leaf is not None}
+    want = {path for path, m in mask_leaves(mask) if np.any(m)}
     assert kept == want == {("layers", "attn", n) for n in ("wq", "wk", "wv", "wo")} | {
         ("layers", "mlp", n) for n in ("w_up", "w_gate", "w_down")}
     assert len(jax.tree.leaves(trainable)) == len(want)  # embed, norms: no gradient, no optimizer state
@@ -73,7 +67,7 @@ def test_split_keeps_only_leaves_that_can_change(model):
     state_sizes = sum(x.size for x in jax.tree.leaves(opt.init(trainable)) if x.ndim)
     assert state_sizes == 2 * sum(x.size for x in jax.tree.leaves(trainable))
     merged = merge(trainable, frozen)
-    for path, leaf in _items(model.params):
+    for path, leaf in mask_leaves(model.params):
         assert _get(merged, path) is leaf
 
 
@@ -84,7 +78,7 @@ def test_frozen_parameters_bit_identical_after_training(model, batch, dtype, ter
     hp = HParams(lr=1e-2, forget_loss_coef=1.0, kl_coef=0.5 * ("lm" in terms), weight_decay=0.1, accumulate=1,
                  dtype=dtype, progress=False)
     after = train(model, mask, lambda i: {k: batch[k] for k in terms}, 4, hp)
-    for path, m in _items(mask):
+    for path, m in mask_leaves(mask):
         old = np.asarray(jnp.asarray(before_leaf := _get(before, path)).astype(dtype))
         new = np.asarray(_get(after, path))
         free = np.broadcast_to(m, old.shape)
@@ -98,9 +92,9 @@ def test_lora_changes_only_adapters(model, batch):
     base = jax.tree.map(np.asarray, model.params)
     hp = HParams(lr=1e-2, lora_rank=2, lora_alpha=4.0, accumulate=1, progress=False, seed=1)
     merged = train(model, None, lambda i: batch, 3, hp)
-    for path, leaf in _items(model.params):
+    for path, leaf in mask_leaves(model.params):
         assert np.array_equal(np.asarray(leaf), _get(base, path))  # base never written
-    for path, leaf in _items(merged):
+    for path, leaf in mask_leaves(merged):
         if path[-1] not in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
             assert np.array_equal(np.asarray(leaf), _get(base, path)), path
         else:
@@ -111,7 +105,7 @@ def test_lora_merged_view_is_w_plus_scaled_low_rank_map(model):
     adapters = init_lora(model.params, 3, jax.random.key(2))
     assert all(float(jnp.abs(ab["b"]).max()) == 0 for ab in adapters.values())
     assert all(np.array_equal(np.asarray(_get(apply_lora(model.params, adapters, 8.0, 3), p)), np.asarray(leaf))
-               for p, leaf in _items(model.params))  # B = 0: the merged view is the base
+               for p, leaf in mask_leaves(model.params))  # B = 0: the merged view is the base
     adapters = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape), adapters)
     merged = jax.jit(apply_lora, static_argnums=(2, 3))(model.params, adapters, 8.0, 3)
     attn, mlp = model.params["layers"]["attn"], model.params["layers"]["mlp"]

@@ -172,19 +172,20 @@ def _mask_tree(shapes: dict, leaves: dict[str, np.ndarray], prefix: tuple[str, .
     return out
 
 
-def _items(tree, prefix=()):
+def mask_leaves(tree, prefix=()):
+    """(path tuple, leaf) of a nested mask/params dict, depth first."""
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            yield from _items(value, prefix + (key,))
+            yield from mask_leaves(value, prefix + (key,))
         else:
             yield prefix + (key,), value
 
 
 def count_trainable(mask: dict, shapes: dict) -> int:
     """Trainable parameters of a mask, given param shapes (tuples, arrays or `jax.ShapeDtypeStruct`s)."""
-    masks = dict(_items(mask))
+    masks = dict(mask_leaves(mask))
     total = 0
-    for path, leaf in _items(shapes):
+    for path, leaf in mask_leaves(shapes):
         shape = tuple(leaf) if isinstance(leaf, tuple) else tuple(leaf.shape)
         m = np.asarray(masks.get(path, False))
         if np.broadcast_shapes(m.shape, shape) != shape:

@@ -118,6 +118,10 @@ def localize_sports(model, out_dir: str | Path, settings: LocalizeSettings = Loc
         array.save(out_dir / "scores" / name)
         if array.values.ndim in (1, 2):
             save_heatmap(array, out_dir / "plots" / f"{name}.png", title=name)
+    (out_dir / "masks").mkdir(exist_ok=True)
+    for name, loc in locs.items():  # broadcasting bool leaves, keyed by their params path
+        leaves = {"/".join(path): np.asarray(leaf) for path, leaf in components.mask_leaves(loc.mask)}
+        np.savez_compressed(out_dir / "masks" / f"{name}.npz", **leaves)
     summary = _summary(model_name, settings, facts, is_known, chosen, flu, atp, ct, rho, locs,
                        time.perf_counter() - start)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -175,5 +179,6 @@ def _markdown(s: dict) -> str:
     for name, loc in s["localizations"].items():
         shown = ", ".join(loc["components"][:12]) + (" …" if len(loc["components"]) > 12 else "")
         lines.append(f"| {name} | {loc['params']:,} | {shown} |")
-    lines += ["", "Score arrays: `scores/*.npz|json`; heatmaps: `plots/*.png`."]
+    lines += ["", "Score arrays: `scores/*.npz|json`; heatmaps: `plots/*.png`; trainable masks (params-path -> "
+              "broadcasting bool array): `masks/<localization>.npz`."]
     return "\n".join(lines) + "\n"
