@@ -1,116 +1,182 @@
-"""One Sports-Athlete-Editing experiment (method.md §1.1, §4, §5, §6.1): localize → edit → evaluate → attack.
+"""One experiment of the paper (method.md §4–§6): localize → edit → evaluate → attack, for any task.
 
-`run_experiment(model, facts, 'manual_interp', hparams, steps=50)`:
-1. keep the facts the model knows (P(true sport) ≥ 0.5 over the 4 candidates, training template);
-   forget = the first n_forget known team-sport facts, relabelled to `inject_without_golf`;
-   maintain = the other known team-sport facts, first 80% train / last 20% test (§1.1);
-2. localization: precomputed (`localization_scores`) or computed here on the forget facts
-   (fact lookup for the FLU layers and the budget; attribution patching / causal tracing when the
-   name needs them), made param-matched by `components.paper_localizations`;
-3. edit: train only the mask, L = forget_loss_coef · CE(injected) + maintain CE (§4.2). The
-   general-text (Pile) term is omitted: no corpus ships with the library;
-4. evaluate before and after (`sports_eval`, every format), latent probes after (§5.6), and the
-   relearning attack (§5.8) on the edited params.
-The returned dict holds every metric under 'before/…' and 'after/…', the §6.1 columns under short
-names, and wall-clock seconds per stage under 'time/…'.
+`run_experiment(model, task, split, 'manual_interp', settings)`:
+1. localization: the named one of `components.paper_localizations`, built from scores computed
+   on the forget facts (`localization_scores`: fact lookup picks the FLU layers, which also set
+   the parameter budget; attribution patching / causal tracing when a name needs them) or given;
+2. edit: train only the mask, L = forget_coef · CE(injected) + maintain CE + general-text LM CE
+   (+ optional KL to the original) (§4.2); sequential editing (§4.5) when `split.partitions`;
+3. evaluate before and after in every format of the task, latent probes (§5.6, sports), side
+   effects on general text (CE, next-token accuracy, KL to the original) and MMLU if given;
+4. attacks on the edited params: relearning (§5.8) and soft prompts (§5.7).
+The returned dict holds every metric under 'before/…' and 'after/…', the §6 columns under short
+names, the §4.4 selection score, and wall-clock seconds per stage under 'time/…'.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
 
-from jaxedit.attacks.relearn import FactBatches, RelearnSettings, relearn
-from jaxedit.data import sports
-from jaxedit.data.batching import first_tokens
+from jaxedit.attacks.relearn import RelearnSettings, relearn, split_forget
+from jaxedit.data.batching import PromptBatches
 from jaxedit.edit.train import HParams, train
 from jaxedit.errors import JaxeditError
-from jaxedit.eval.candidates import candidate_probs, known
-from jaxedit.eval.latent import latent_knowledge
-from jaxedit.eval.sports_eval import evaluate_sports
 from jaxedit.localize import attribution, causal_tracing, components, fact_lookup
 from jaxedit.localize.components import Localization
 from jaxedit.localize.corruptions import resample_subjects
 
 BATCH_SIZE = 4  # §4.2: micro-batches of 4 forget + 4 maintain prompts
-COLUMNS = {  # §6.1 column -> metric key
-    "forget": "after/fact/forget", "maintain": "after/fact/maintain", "edit": "after/qa/edit",
-    "forget_qa": "after/qa/forget", "mcq_forget": "after/mcq/forget", "mcq_edit": "after/mcq/edit",
-    "mcq_maintain": "after/mcq/maintain",
-}
 
 
-def known_split(model, facts: list, n_forget: int, threshold: float = 0.5) -> tuple[list, list, list]:
-    """(forget, maintain train, maintain test) among the team-sport facts with P(true) ≥ threshold."""
-    team = sports.team_facts(facts)
-    probs = candidate_probs(model, [sports.prompt(f.athlete) for f in team], list(sports.answers("fact")))
-    ok = known(probs, np.array([sports.SPORTS.index(f.sport) for f in team]), threshold)
-    kept = [f for f, k in zip(team, ok) if k]
-    if len(kept) < n_forget + 5:
-        raise JaxeditError(f"the model knows {len(kept)} of {len(team)} team-sport facts; {n_forget} forget facts "
-                           "and ≥ 5 maintain facts are needed: pass more facts or lower n_forget")
-    rest = kept[n_forget:]
-    k = int(0.8 * len(rest))
-    return kept[:n_forget], rest[:k], rest[k:]
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What one experiment runs besides the localization: training, evaluation and attacks."""
+
+    hparams: HParams = HParams()
+    steps: int = 50
+    batch_size: int = BATCH_SIZE
+    probe_steps: int = 100  # 0: no latent probes
+    relearn: RelearnSettings | None = RelearnSettings()
+    soft_prompt: object | None = None  # attacks.soft_prompt.SoftPromptSettings
+    mmlu_dir: str | None = None
+    mmlu_limit: int | None = None
+    seed: int = 0
 
 
-def _localize(model, forget: list, name: str, seed: int) -> Localization:
-    """The named localization computed on the forget facts (FLU layers always: they set the budget)."""
-    ids = first_tokens(model.tokenizer, list(sports.answers("fact")[:3]))
-    labels = np.array([sports.TEAM_SPORTS.index(f.sport) for f in forget])
-    answer = ids[labels]
-    others = np.array([[ids[j] for j in range(3) if j != y] for y in labels])
-    prompts, subjects = [sports.prompt(f.athlete) for f in forget], [f.athlete for f in forget]
-    flu = fact_lookup.fact_lookup(model, prompts, subjects, answer, others, seed=seed)
-    if not flu.layers:
-        raise JaxeditError("fact lookup selected no MLP layer: pass localization_scores={'flu_layers': (...)}")
-    scores = {"flu_layers": flu.layers}
-    if "localized" in name:
+def _needs(names) -> set[str]:
+    return {"ap" if n.startswith("localized_ap") else "ct" for n in names if n.startswith("localized_")}
+
+
+def localization_scores(model, task, facts: list, names=components.PAPER_LOCALIZATIONS, *, seed: int = 0,
+                        flu_layers=None, ct_samples: int = 3) -> dict:
+    """{'flu_layers', 'ap_scores'?, 'ct_scores'?}: what `names` need, computed on `facts` (the forget set)."""
+    prompts, subjects, answer, others = task.localization_inputs(model, facts)
+    if flu_layers is None:
+        flu = fact_lookup.fact_lookup(model, prompts, subjects, answer, others, seed=seed)
+        if not flu.layers:
+            raise JaxeditError("fact lookup selected no MLP layer: set localize.flu_layers (e.g. [2, 3, 6])")
+        flu_layers = flu.layers
+    scores = {"flu_layers": tuple(int(layer) for layer in flu_layers)}
+    need = _needs(names)
+    if need:
         pairs = resample_subjects(model.tokenizer, prompts, subjects, seed=seed, padding_side="left")
-        if name.startswith("localized_ap"):
-            scores["ap_scores"] = attribution.attribution_patching(model.params, model.cfg, pairs.clean, pairs.corrupt,
-                                                                   pairs.mask, (answer, others)).scores
-        else:
-            scores["ct_scores"] = causal_tracing.trace_components(model.params, model.cfg, pairs.clean, pairs.mask,
-                                                                  pairs.subject, answer, jax.random.key(seed),
-                                                                  samples=3).nie
-    return _from_scores(model, name, scores, seed)
+    if "ap" in need:
+        scores["ap_scores"] = attribution.attribution_patching(model.params, model.cfg, pairs.clean, pairs.corrupt,
+                                                               pairs.mask, (answer, others)).scores
+    if "ct" in need:
+        scores["ct_scores"] = causal_tracing.trace_components(model.params, model.cfg, pairs.clean, pairs.mask,
+                                                              pairs.subject, answer, jax.random.key(seed),
+                                                              samples=ct_samples).nie
+    return {k: v if k == "flu_layers" else jax.tree.map(np.asarray, v) for k, v in scores.items()}
 
 
-def _from_scores(model, name: str, scores: Mapping, seed: int) -> Localization:
+def build_localization(model, name: str, scores: Mapping | Localization, seed: int = 0,
+                       rule: str = "fill") -> Localization:
+    """The named localization from `localization_scores` output (or a ready Localization)."""
+    if name not in components.PAPER_LOCALIZATIONS:
+        raise JaxeditError(f"unknown localization {name!r}: use one of {', '.join(components.PAPER_LOCALIZATIONS)}")
+    if isinstance(scores, Localization):
+        return scores
     locs = components.paper_localizations(model.cfg, scores["flu_layers"], ap_scores=scores.get("ap_scores"),
-                                          ct_scores=scores.get("ct_scores"), seed=seed)
+                                          ct_scores=scores.get("ct_scores"), seed=seed, rule=rule)
     if name not in locs:
-        raise JaxeditError(f"localization {name!r} cannot be built from the given scores (keys {sorted(scores)}): "
-                           f"it needs {'ap_scores' if 'ap' in name else 'ct_scores'}; available {sorted(locs)}")
+        raise JaxeditError(f"localization {name!r} needs {'ap_scores' if 'ap' in name else 'ct_scores'}, "
+                           f"which the scores lack (keys {sorted(scores)})")
     return locs[name]
 
 
-def resolve_localization(model, forget: list, name: str, scores=None, seed: int = 0) -> Localization:
-    """scores: None (compute), a Localization, {name: Localization}, or {'flu_layers', 'ap_scores', 'ct_scores'}."""
-    if name not in components.PAPER_LOCALIZATIONS:
-        raise JaxeditError(f"unknown localization {name!r}: use one of {', '.join(components.PAPER_LOCALIZATIONS)}")
-    if scores is None:
-        return _localize(model, forget, name, seed)
-    if isinstance(scores, Localization):
-        return scores
-    if isinstance(scores.get(name), Localization):
-        return scores[name]
-    if "flu_layers" in scores:
-        return _from_scores(model, name, scores, seed)
-    raise JaxeditError(f"localization_scores has neither {name!r} nor 'flu_layers' (keys {sorted(scores)})")
+def _batches(model, task, forget: list, split, settings: Settings, general: Callable | None):
+    sets = task.train_sets(model.tokenizer, dataclasses.replace(split, forget=forget))
+    prompts = PromptBatches(model.tokenizer, sets, settings.batch_size, settings.steps * settings.hparams.accumulate,
+                            settings.seed)
+    return prompts if general is None else (lambda i: prompts(i) | {"lm": general(i)})
 
 
-def run_experiment(model, facts: list, localization_name: str, hparams: HParams, *, n_forget: int = 16,
-                   steps: int = 50, seed: int = 0, localization_scores=None,
-                   relearn_settings: RelearnSettings = RelearnSettings(), probe_steps: int = 100,
-                   known_threshold: float = 0.5) -> dict:
+def edit(model, task, split, masks: list, settings: Settings, general: Callable | None = None,
+         checkpoint_dir: str | Path | None = None) -> dict:
+    """Edited params: one training run per partition (one mask each; one partition = the whole forget set).
+
+    Sequential editing (§4.5) trains partition p from partition p-1's params with a fresh optimizer
+    and schedule; previously edited partitions are not replayed.
+    """
+    partitions = split.partitions or (split.forget,)
+    if len(masks) != len(partitions):
+        raise JaxeditError(f"{len(partitions)} partitions need {len(partitions)} masks, got {len(masks)}")
+    params = model.params
+    for p, (facts, mask) in enumerate(zip(partitions, masks)):
+        ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / f"partition{p}"
+        params = train(model, mask, _batches(model, task, list(facts), split, settings, general), settings.steps,
+                       settings.hparams, init_params=params, checkpoint_dir=ckpt)
+    return params
+
+
+def selection_score(metrics: Mapping, keys, general_accuracy: float | None) -> float:
+    """§4.4 (higher is better): general-text accuracy + (1 − forget) + maintain + edit."""
+    forget, maintain, edit_acc = (metrics[f"after/{k}"] for k in keys)
+    return (general_accuracy or 0.0) + (1 - forget) + maintain + edit_acc
+
+
+def evaluate(model, task, split, params, prefix: str) -> dict:
+    return {f"{prefix}/{k}": v for k, v in task.evaluate(model, split.forget_test, split.maintain_test, params).items()}
+
+
+def side_effects(model, params, general_text, settings: Settings, prefix: str) -> dict:
+    from jaxedit.eval.side_effects import evaluate_mmlu, general_text_metrics
+
+    out = {}
+    if general_text is not None:
+        tokens, mask = general_text
+        reference = None if params is model.params else model.params
+        out |= {f"{prefix}/general/{k}": v for k, v in
+                general_text_metrics(model, tokens, mask, params=params, reference_params=reference).items()}
+    if settings.mmlu_dir:
+        result = evaluate_mmlu(model, settings.mmlu_dir, params=params, limit=settings.mmlu_limit)
+        out[f"{prefix}/mmlu"] = result["accuracy"]
+    return out
+
+
+def attacks(model, task, split, params, settings: Settings) -> dict:
+    """Relearning and soft-prompt attacks on the edited `params` (train on one half of the forget set)."""
+    out = {}
+    train_half, held_out = split_forget(split.forget_test)
+    if settings.relearn is not None:
+        sets = task.relearn_sets(model.tokenizer, train_half, split.maintain_train)
+        out |= relearn(model, params, sets, lambda p: task.relearn_evaluate(model, held_out, split.maintain_test, p),
+                       settings.relearn)
+        last = max(s for s in settings.relearn.eval_at if s <= settings.relearn.steps)
+        out |= {"relearn_forget": out[f"relearn/{last}/fact/forget"],
+                "relearn_maintain": out[f"relearn/{last}/fact/maintain"]}
+    if settings.soft_prompt is not None:
+        from jaxedit.attacks.soft_prompt import train_adversary
+
+        prompts, labels = task.soft_prompt_data(train_half)
+        runs = []
+        for restart in range(settings.soft_prompt.restarts):
+            adversary = train_adversary(model, params, prompts, labels, settings.soft_prompt,
+                                        seed=settings.seed * 1000 + restart)
+            runs.append(task.soft_prompt_metrics(model, params, adversary, settings.soft_prompt, held_out,
+                                                 split.maintain_test))
+        out |= {f"softprompt_{k}": float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    return out
+
+
+def run_experiment(model, task, split, localization: str, settings: Settings = Settings(), *,
+                   scores: Mapping | Localization | list | None = None, general: Callable | None = None,
+                   general_text: tuple | None = None, before: dict | None = None,
+                   checkpoint_dir: str | Path | None = None, rule: str = "fill") -> dict:
     """The whole experiment of the module doc; returns a flat dict of metrics and timings.
 
-    known_threshold: P(true) a fact needs to be kept (§1.3's filter; 0 keeps every team-sport fact).
+    scores: `localization_scores` output (a list of them for sequential partitions), a Localization,
+    or None (computed here). general: callable i -> {'tokens','mask'} general-text micro-batches for
+    the LM/KL terms; general_text: (tokens [N,T], mask [N,T]) for side-effect metrics; before: the
+    before-edit metrics if already measured (they do not depend on the localization).
     """
     times, out = {}, {}
     clock = time.perf_counter()
@@ -121,30 +187,31 @@ def run_experiment(model, facts: list, localization_name: str, hparams: HParams,
         times[f"time/{stage}"] = now - clock
         clock = now
 
-    forget, maintain_train, maintain_test = known_split(model, facts, n_forget, known_threshold)
-    lap("filter")
-    loc = resolve_localization(model, forget, localization_name, localization_scores, seed)
+    partitions = split.partitions or (split.forget,)
+    if scores is None:
+        scores = [localization_scores(model, task, list(facts), (localization,), seed=settings.seed)
+                  for facts in partitions]
+    elif not isinstance(scores, list):
+        scores = [scores]
+    locs = [build_localization(model, localization, s, settings.seed, rule) for s in scores]
     lap("localize")
-    out |= {f"before/{k}": v for k, v in evaluate_sports(model, forget, maintain_test).items()}
+    if before is None:
+        before = evaluate(model, task, split, None, "before") | side_effects(model, model.params, general_text,
+                                                                              settings, "before")
+    out |= before
     lap("eval_before")
-    batches = FactBatches(model.tokenizer, {"forget": (forget, "inject_without_golf"),
-                                            "maintain": (maintain_train, "sport")},
-                          BATCH_SIZE, steps * hparams.accumulate, seed)
-    edited = train(model, loc.mask, batches, steps, hparams)
+    edited = edit(model, task, split, [loc.mask for loc in locs], settings, general, checkpoint_dir)
     lap("edit")
-    out |= {f"after/{k}": v for k, v in evaluate_sports(model, forget, maintain_test, params=edited).items()}
+    out |= evaluate(model, task, split, edited, "after") | side_effects(model, edited, general_text, settings, "after")
     lap("eval_after")
-    latent = latent_knowledge(model, forget, maintain_train, params=edited, seed=seed, steps=probe_steps)
-    out |= {"probe_maintain_test": latent.maintain_test.tolist(), "probe_ground_truth": latent.forget_ground_truth.tolist(),
-            "probe_edit": latent.forget_edit.tolist()}
-    lap("probe")
-    out |= relearn(model, edited, forget, maintain_train, maintain_test, relearn_settings)
-    lap("relearn")
-    last = max(s for s in relearn_settings.eval_at if s <= relearn_settings.steps)
-    out |= {col: out[key] for col, key in COLUMNS.items()}
-    out |= {"probe_gt_last": float(latent.forget_ground_truth[-1]), "probe_edit_last": float(latent.forget_edit[-1]),
-            "relearn_forget": out[f"relearn/{last}/fact/forget"], "relearn_maintain": out[f"relearn/{last}/fact/maintain"],
-            "localization": loc.name, "n_params": int(loc.n_params), "n_forget": len(forget),
-            "n_maintain_train": len(maintain_train), "n_maintain_test": len(maintain_test)}
+    if settings.probe_steps:
+        out |= task.latent(model, split, edited, settings.probe_steps, settings.seed)
+        lap("probe")
+    out |= attacks(model, task, split, edited, settings)
+    lap("attacks")
+    out |= {col: out[key] for col, key in task.columns.items() if key in out}
+    out["selection_score"] = selection_score(out, task.selection, out.get("after/general/accuracy"))
+    out |= {"localization": localization, "n_params": int(sum(loc.n_params for loc in locs)),
+            "components": [loc.components.labels() for loc in locs], **split.sizes()}
     times["time/total"] = sum(times.values())
     return out | times

@@ -16,7 +16,8 @@ from jaxedit.edit.lora import TARGETS
 from jaxedit.edit.train import HParams
 from jaxedit.eval import latent
 from jaxedit.eval.sports_eval import accuracies, evaluate_sports, format_metrics
-from jaxedit.experiment import COLUMNS, run_experiment
+from jaxedit.experiment import Settings, run_experiment
+from jaxedit.tasks.sports import COLUMNS, SportsTask
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +115,12 @@ def test_relearning_trains_true_answers_and_only_adapters(smol, team, monkeypatc
     monkeypatch.setattr(relearn_mod, "train_step", spy)
     params = smol.params
     before = jax.tree.map(np.array, params)
-    settings = RelearnSettings(lora_rank=2, lora_alpha=4.0, steps=2, eval_at=(0, 2), accumulate=1, formats=("fact",))
-    out = relearn_mod.relearn(smol, params, forget, maintain[:2], maintain[2:], settings)
+    task = SportsTask(team)
+    train_half, held_out = split_forget(forget)
+    settings = RelearnSettings(lora_rank=2, lora_alpha=4.0, steps=2, eval_at=(0, 2), accumulate=1)
+    out = relearn_mod.relearn(smol, params, task.relearn_sets(smol.tokenizer, train_half, maintain[:2]),
+                              lambda p: task.evaluate(smol, held_out, maintain[2:], p, ("fact",)), settings)
     assert set(out) >= {"relearn/0/fact/forget", "relearn/2/fact/forget", "relearn/2/fact/maintain"}
-    train_half, _ = split_forget(forget)
     sport_id = {s: smol.tokenizer.encode(f" {s}", add_special_tokens=False)[0] for s in sports.SPORTS}
     allowed_true = {sport_id[f.sport] for f in train_half}
     inject_ids = {sport_id[f.inject_without_golf] for f in train_half}
@@ -141,16 +144,17 @@ def test_full_finetuning_mask_is_all_linear_weights(smol):
 
 
 def test_run_experiment_end_to_end(smol, team):
-    facts = team[:9]  # 4 forget, 4 maintain train, 1 maintain test (the filter keeps all at threshold 0)
-    out = run_experiment(smol, facts, "manual_interp", HParams(lr=1e-4, accumulate=1, progress=False), n_forget=4,
-                         steps=2, seed=0, localization_scores={"flu_layers": (2, 3)}, known_threshold=0.0,
-                         relearn_settings=RelearnSettings(lora_rank=2, steps=2, eval_at=(0, 2), accumulate=1,
-                                                          formats=("fact",)), probe_steps=10)
+    task = SportsTask(team[:9])  # 4 forget, 4 maintain train, 1 maintain test (the filter keeps all at threshold 0)
+    split = task.split(smol, 4, threshold=0.0)
+    settings = Settings(HParams(lr=1e-4, accumulate=1, progress=False), steps=2, probe_steps=10,
+                        relearn=RelearnSettings(lora_rank=2, steps=2, eval_at=(0, 2), accumulate=1))
+    out = run_experiment(smol, task, split, "manual_interp", settings, scores={"flu_layers": (2, 3)})
     keys = set(COLUMNS) | {"probe_gt_last", "probe_edit_last", "relearn_forget", "relearn_maintain", "n_params",
-                           "time/filter", "time/localize", "time/edit", "time/eval_after", "time/probe",
-                           "time/relearn", "time/total"}
+                           "selection_score", "time/localize", "time/edit", "time/eval_after", "time/probe",
+                           "time/attacks", "time/total"}
     assert keys <= set(out)
     assert out["n_forget"] == 4 and out["n_maintain_train"] == 4 and out["n_maintain_test"] == 1
     assert out["forget"] == out["after/fact/forget"] and out["edit"] == out["after/qa/edit"]
+    assert out["selection_score"] == pytest.approx(1 - out["forget"] + out["maintain"] + out["edit"])
     assert len(out["probe_ground_truth"]) == smol.cfg.n_layers
     assert all(np.isfinite(out[k]) for k in keys if k != "n_params")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.errors import JaxeditError
 from jaxedit.tokenizer import pad
 
 MIN_BUCKET = 16
@@ -26,3 +28,35 @@ def padded_batches(rows: list[list[int]], pad_id: int, batch_size: int, padding_
 def first_tokens(tokenizer, answers: list[str]) -> np.ndarray:
     """Id [C] of the first token of each answer string (answers are scored by their first token)."""
     return np.array([tokenizer.encode(a, add_special_tokens=False)[0] for a in answers], np.int32)
+
+
+class PromptBatches:
+    """Training micro-batches of prompts with next-token targets, cycling seeded shuffles of each set.
+
+    sets: {key: (prompts [N] str, targets [N] int token ids)}, e.g. {'forget': ..., 'maintain': ...}.
+    `self(i)` is micro-batch i: {key: {'tokens' [B,T], 'mask' [B,T], 'target' [B]}} with one bucket
+    length T for every key and step (one compile). Right padding; the target is read at the last
+    real position. Empty sets are dropped.
+    """
+
+    def __init__(self, tokenizer, sets: dict, batch_size: int, n_batches: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        encoded = {key: ([tokenizer.encode(p) for p in prompts], np.asarray(targets, np.int32))
+                   for key, (prompts, targets) in sets.items() if len(prompts)}
+        if not encoded:
+            raise JaxeditError("no facts to train on: give at least one non-empty fact set")
+        length = bucket_length(max(len(r) for rows, _ in encoded.values() for r in rows))
+        need = batch_size * n_batches
+        self.batch_size, self.data = batch_size, {}
+        for key, (rows, target) in encoded.items():
+            order = np.concatenate([rng.permutation(len(rows)) for _ in range(-(-need // len(rows)))])
+            tokens, mask = pad(rows, tokenizer.pad_token_id, "right", length)
+            self.data[key] = (tokens, mask, target, order)
+
+    def __call__(self, i: int) -> dict:
+        out = {}
+        for key, (tokens, mask, target, order) in self.data.items():
+            rows = order[i * self.batch_size:(i + 1) * self.batch_size]
+            out[key] = {"tokens": jnp.asarray(tokens[rows]), "mask": jnp.asarray(mask[rows]),
+                        "target": jnp.asarray(target[rows])}
+        return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxedit.edit import losses
+from jaxedit.edit import checkpoints, losses
 from jaxedit.edit.lora import apply_lora, init_lora
 from jaxedit.edit.optim import (apply_masked_updates, cosine_schedule, masked_adamw, merge, split_trainable,
                                 trainable_part)
@@ -131,15 +132,19 @@ def _cast(params, dtype: str):
 
 
 def train(model, mask, batches_fn: Callable[[int], dict], steps: int, hparams: HParams,
-          on_step: Callable[[int, dict], None] | None = None) -> dict:
+          on_step: Callable[[int, dict], None] | None = None, init_params: dict | None = None,
+          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 5) -> dict:
     """Train for `steps` optimizer steps (× hparams.accumulate micro-batches `batches_fn(i)`); return params.
 
     mask: a params-shaped broadcasting bool tree (`Localization.mask`); ignored with LoRA, where the
-    returned params are the merged base + adapters. A fresh optimizer and cosine schedule per call
-    (sequential editing, §4.5, calls this once per partition). on_step(step, metrics) after each
-    optimizer step (host sync only then).
+    returned params are the merged base + adapters. init_params: where training starts (default the
+    model's). A fresh optimizer and cosine schedule per call (sequential editing, §4.5, calls this
+    once per partition). on_step(step, metrics) after each optimizer step (host sync only then).
+    checkpoint_dir: the trainable values and optimizer state are saved there with orbax every
+    `checkpoint_every` optimizer steps, and a call that finds a checkpoint resumes from it (the
+    batches are a pure function of the micro-step, so the resumed run equals an uninterrupted one).
     """
-    params = _cast(model.params, hparams.dtype)
+    params = _cast(model.params if init_params is None else init_params, hparams.dtype)
     if hparams.lora_rank:
         lora = LoraSpec(hparams.lora_rank, hparams.lora_alpha)
         trainable, frozen = init_lora(params, lora.rank, jax.random.key(hparams.seed), dtype=hparams.dtype), params
@@ -156,15 +161,25 @@ def train(model, mask, batches_fn: Callable[[int], dict], steps: int, hparams: H
     opt_state = optimizer.init(trainable)
     reference = jax.tree.map(jnp.copy, trainable) if hparams.kl_coef else None
     weights = hparams.loss_weights()
-    bar = tqdm(range(steps * hparams.accumulate), file=sys.stderr, disable=not hparams.progress, desc="train")
+    start = 0
+    if checkpoint_dir is not None:
+        start, trainable, opt_state = checkpoints.restore_latest(checkpoint_dir, trainable, opt_state)
+    bar = tqdm(range(start * hparams.accumulate, steps * hparams.accumulate), file=sys.stderr,
+               disable=not hparams.progress, desc="train", initial=start * hparams.accumulate,
+               total=steps * hparams.accumulate)
     for i in bar:
         trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batches_fn(i), model.cfg, weights,
                                                    optimizer, tmask, reference, lora, hparams.remat)
-        if (i + 1) % hparams.accumulate == 0 and (on_step or hparams.progress):
+        if (i + 1) % hparams.accumulate:
+            continue
+        step = (i + 1) // hparams.accumulate
+        if on_step or hparams.progress:
             metrics = jax.device_get(metrics)
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
             if on_step:
-                on_step((i + 1) // hparams.accumulate - 1, metrics)
+                on_step(step - 1, metrics)
+        if checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            checkpoints.save(checkpoint_dir, step, trainable, opt_state)
     return full_params(trainable, frozen, lora)
 
 

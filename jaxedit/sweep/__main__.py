@@ -1,0 +1,62 @@
+"""`python -m jaxedit.sweep [CONFIG] [key=value ...]`: run (or resume) a sweep and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from jaxedit.errors import JaxeditError
+from jaxedit.sweep.config import SweepConfig, load_config, named_configs
+
+
+def _keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    for field in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[field.name]
+        if dataclasses.is_dataclass(hint):
+            out += _keys(hint, f"{prefix}{field.name}.")
+        else:
+            out.append(f"{prefix}{field.name}")
+    return out
+
+
+def _epilog() -> str:
+    configs = ", ".join(named_configs())
+    keys = "\n  ".join(_keys(SweepConfig))
+    return (f"configs (in configs/): {configs}\n\nkeys (override any with key=value, e.g. train.steps=20 "
+            f"seeds=[0,1,2]):\n  {keys}\n\nA sweep writes <output>/<name>/ and resumes there when run again.")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxedit.sweep", description=__doc__.splitlines()[0],
+                                     epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=None,
+                        help="a YAML file or the name of a config in configs/ (default: 'default')")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (values are YAML)")
+    parser.add_argument("--dry-run", action="store_true", help="print the units and exit")
+    args = parser.parse_args(argv)
+    config_arg, overrides = args.config, list(args.overrides)
+    if config_arg is not None and "=" in config_arg:
+        config_arg, overrides = None, [config_arg] + overrides
+    try:
+        config = load_config(config_arg, overrides)
+        if args.dry_run:
+            from jaxedit.sweep.units import expand
+
+            for unit in expand(config):
+                print(unit.id)
+            return 0
+        from jaxedit.sweep.runner import run_sweep
+
+        root = run_sweep(config)
+    except JaxeditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done: report in {root}/report/summary.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

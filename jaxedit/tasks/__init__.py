@@ -1,0 +1,1 @@
+"""Tasks: what differs between the sports and CounterFact experiments."""
