@@ -47,6 +47,7 @@ class Settings:
     soft_prompt: object | None = None  # attacks.soft_prompt.SoftPromptSettings
     mmlu_dir: str | None = None
     mmlu_limit: int | None = None
+    checkpoint_every: int = 5  # optimizer steps between orbax checkpoints of in-flight training
     seed: int = 0
 
 
@@ -113,7 +114,8 @@ def edit(model, task, split, masks: list, settings: Settings, general: Callable 
     for p, (facts, mask) in enumerate(zip(partitions, masks)):
         ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / f"partition{p}"
         params = train(model, mask, _batches(model, task, list(facts), split, settings, general), settings.steps,
-                       settings.hparams, init_params=params, checkpoint_dir=ckpt)
+                       settings.hparams, init_params=params, checkpoint_dir=ckpt,
+                       checkpoint_every=settings.checkpoint_every)
     return params
 
 

@@ -39,3 +39,20 @@ def hf_gguf_reference(name: str):
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32,
                                                               quantization_config=config, **kwargs)
     return model.eval(), transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer random Llama with SmolLM2's real tokenizer, as a HF directory (fast end-to-end runs)."""
+    import jax
+
+    from jaxedit.models.config import config_from_hf
+    from jaxedit.models.model import Model, export_hf
+    from jaxedit.models.params import init_params
+
+    cfg = config_from_hf(dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=49152,
+                              hidden_act="silu", tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                              max_position_embeddings=256))
+    model = Model(cfg, init_params(cfg, jax.random.key(0)), None, source=smollm2_dir)
+    return export_hf(model, tmp_path_factory.mktemp("tiny") / "tiny-llama")

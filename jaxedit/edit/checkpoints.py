@@ -1,7 +1,10 @@
 """Orbax checkpoints of in-flight training: trainable values + optimizer state at an optimizer step.
 
+Values are saved from host numpy and come back with the shardings of the arrays they replace.
 Each save goes to `<dir>/step_<n>` (orbax writes a temporary folder and renames it when complete,
 so a kill mid-save leaves the previous checkpoint intact); older steps are removed after a save.
+Orbax checkpoints are global to a multi-process run, so a process that trains a unit of its own
+does not use them (`jaxedit.sweep` passes no directory there: such a unit restarts if killed).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def save(directory: str | Path, step: int, trainable, opt_state) -> None:
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / f"step_{step}", {"trainable": trainable, "opt_state": opt_state})
+        checkpointer.save(directory / f"step_{step}", jax.device_get({"trainable": trainable, "opt_state": opt_state}))
     for old in _steps(directory):
         if old != step:
             shutil.rmtree(directory / f"step_{old}", ignore_errors=True)
@@ -40,7 +43,8 @@ def restore_latest(directory: str | Path, trainable, opt_state):
     steps = _steps(directory)
     if not steps:
         return 0, trainable, opt_state
-    like = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt_state": opt_state})
+    current = {"trainable": trainable, "opt_state": opt_state}
     with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(directory / f"step_{steps[-1]}", like)
+        state = checkpointer.restore(directory / f"step_{steps[-1]}", jax.device_get(current))
+    state = jax.tree.map(lambda saved, now: jax.device_put(saved, now.sharding), state, current)
     return steps[-1], state["trainable"], state["opt_state"]

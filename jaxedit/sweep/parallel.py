@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 from jax.experimental import multihost_utils
@@ -28,12 +29,20 @@ def process_units(units: list) -> list:
     return [units[i] for i in sharding.process_slice(len(units))]
 
 
+def check_mesh(mesh_config):
+    """The mesh of the config on this process's devices (a one-line error when it does not fit)."""
+    sizes = (mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
+    devices = jax.local_devices()
+    if -1 not in sizes and 0 < math.prod(sizes) < len(devices):
+        devices = devices[:math.prod(sizes)]  # a smaller mesh than the machine: use its first devices
+    return sharding.make_mesh(sharding.MeshSpec(*sizes), devices)
+
+
 def place_model(model, mesh_config):
     """`model` with params placed on a mesh of this process's devices (unchanged for a 1×1×1 mesh)."""
-    spec = sharding.MeshSpec(mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
-    if (spec.data, spec.fsdp, spec.tensor) == (1, 1, 1):
+    if (mesh_config.data, mesh_config.fsdp, mesh_config.tensor) == (1, 1, 1):
         return model
-    mesh = sharding.make_mesh(spec, jax.local_devices())
+    mesh = check_mesh(mesh_config)
     params = sharding.shard_params(model.params, sharding.param_shardings(model.cfg, mesh))
     return dataclasses.replace(model, params=params)
 

@@ -61,7 +61,8 @@ def settings_for(config: SweepConfig, unit: Unit) -> experiment.Settings:
     return experiment.Settings(hparams=hparams, steps=t.steps, batch_size=t.batch_size,
                                probe_steps=config.eval.probe_steps if config.eval.probes else 0,
                                relearn=relearn, soft_prompt=soft, mmlu_dir=config.eval.mmlu_dir,
-                               mmlu_limit=config.eval.mmlu_limit, seed=unit.seed)
+                               mmlu_limit=config.eval.mmlu_limit, checkpoint_every=t.checkpoint_every,
+                               seed=unit.seed)
 
 
 class Preparation:
@@ -127,7 +128,7 @@ def run_unit(config: SweepConfig, unit: Unit, model, prep: Preparation, store: R
     row = experiment.run_experiment(
         model, prep.task, prep.split, unit.localization, settings, scores=prep.scores,
         general=prep.general_batches(settings), general_text=prep.general_text, before=prep.before,
-        checkpoint_dir=store.checkpoint_dir(unit.id), rule=config.localize.rule)
+        checkpoint_dir=store.checkpoint_dir(unit.id) if jax.process_count() == 1 else None, rule=config.localize.rule)
     return unit.labels() | {"lr": settings.hparams.lr, "forget_loss_coef": settings.hparams.forget_loss_coef,
                             "task": config.task} | row
 
@@ -147,6 +148,7 @@ def run_sweep(config: SweepConfig) -> Path:
     for name in config.models:  # fail before writing anything: a missing model or package, a bad data file
         registry.resolve(name)
     make_task(config)
+    parallel.check_mesh(config.mesh)
     resumed = store.open(config.to_dict(), devices_info())
     try:
         _run_units(config, store, units, mine, resumed)

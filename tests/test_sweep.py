@@ -1,0 +1,199 @@
+"""`python -m jaxedit.sweep` end to end on a tiny random Llama with a real tokenizer.
+
+The reference is an uninterrupted single-process run of the same config; a run killed with SIGKILL
+and restarted, a run on 8 CPU devices with sharded parameters, and a run split over 2 processes
+through `jax.distributed` must give the same rows. Bad inputs give one line and write nothing.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxedit.sweep import __main__ as sweep_cli
+from jaxedit.sweep.config import load_config
+from jaxedit.sweep.units import expand
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(model_dir, output, **changes) -> dict:
+    config = {
+        "name": "small", "task": "sports_athletes", "models": [str(model_dir)],
+        "localizations": ["manual_interp", "random"], "seeds": [0],
+        "data": {"n_forget": 4, "max_maintain": 10, "known_threshold": 0.0},
+        "localize": {"flu_layers": [1]},
+        "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 1},
+        "general_text": {"n": 4, "ctx": 16},
+        "eval": {"probe_steps": 10},
+        "relearn": {"lora_rank": 2, "steps": 2, "eval_at": [0, 2], "batch_size": 2, "accumulate": 1},
+        "soft_prompt": {"enabled": False},
+        "output": str(output),
+    }
+    for key, value in changes.items():
+        config[key] = value
+    return config
+
+
+def _write(tmp_path, config: dict, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    return env
+
+
+def _run(args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaxedit.sweep", *map(str, args)], cwd=ROOT, env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def _assert_same_rows(a: list[dict], b: list[dict], rtol: float = 0.0) -> None:
+    assert [r["unit"] for r in a] == [r["unit"] for r in b]
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for key in x:
+            if isinstance(x[key], float) or (isinstance(x[key], list) and x[key] and isinstance(x[key][0], float)):
+                np.testing.assert_allclose(x[key], y[key], rtol=rtol, atol=rtol, err_msg=key)
+            else:
+                assert x[key] == y[key], key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama_dir):
+    """An uninterrupted run: (config dict, rows)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = _config(tiny_llama_dir, tmp / "runs")
+    done = _run([_write(tmp, config)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp / "runs" / "small"
+    assert "report/summary.md" in done.stdout
+    return config, _rows(run_dir), run_dir
+
+
+def test_sweep_writes_rows_report_and_manifest(reference):
+    config, rows, run_dir = reference
+    units = [u.id for u in expand(load_config(str(run_dir.parent.parent / "sweep.yaml")))]
+    assert [r["unit"] for r in rows] == sorted(units)
+    for row in rows:
+        for key in ("forget", "maintain", "edit", "mcq_forget", "mcq_edit", "probe_gt_last", "relearn_forget",
+                    "after/general/kl", "after/general/accuracy", "selection_score"):
+            assert np.isfinite(row[key]), key
+        assert row["n_forget"] == 4 and row["n_maintain_train"] == 8 and row["n_maintain_test"] == 2
+    assert np.isfinite(rows[0]["before/general/accuracy"]) and "before/general/kl" not in rows[0]
+    assert rows[0]["after/general/kl"] > 0  # the edit moved the model on general text
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config"]["train"]["steps"] == 4 and manifest["versions"]["jax"]
+    summary = (run_dir / "report" / "summary.md").read_text()
+    assert "| manual_interp |" in summary and "| random |" in summary
+    assert (run_dir / "report" / "bars_0.png").stat().st_size > 1000
+    assert not list((run_dir / "checkpoints").glob("*/*/step_*"))  # finished units leave no checkpoint
+
+
+def test_rerun_resumes_and_repeats_nothing(reference, tmp_path):
+    config, rows, run_dir = reference
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "units").glob("*.json")}
+    again = _run([run_dir.parent.parent / "sweep.yaml"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 already done" in again.stderr
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (run_dir / "units").glob("*.json")}
+
+
+def test_sigkill_mid_training_then_restart_gives_the_same_rows(reference, tmp_path):
+    config, rows, _ = reference
+    config = dict(config, output=str(tmp_path / "runs"))
+    path = _write(tmp_path, config)
+    run_dir = tmp_path / "runs" / "small"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxedit.sweep", str(path)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list((run_dir / "checkpoints").glob("*/partition0/step_*")):  # killed in flight, after a checkpoint
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "results.jsonl").exists()
+    done = _run([path])
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_rows(_rows(run_dir), rows)
+
+
+def test_eight_devices_with_sharded_params_match_one_device(reference, tmp_path):
+    config, rows, _ = reference
+    config = dict(config, output=str(tmp_path / "runs"), mesh={"data": 1, "fsdp": 2, "tensor": 4})
+    done = _run([_write(tmp_path, config)], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "runs" / "small" / "manifest.json").read_text())
+    assert manifest["devices"]["local_devices"] == 8
+    _assert_same_rows(_rows(tmp_path / "runs" / "small"), rows, rtol=2e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_through_jax_distributed_match_one(reference, tmp_path):
+    config, rows, _ = reference
+    path = _write(tmp_path, dict(config, output=str(tmp_path / "runs")))
+    address = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxedit.sweep", str(path)], cwd=ROOT, text=True,
+                              env=_env(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert "1 on this process" in outputs[0][1] and "1 on this process" in outputs[1][1]
+    _assert_same_rows(_rows(tmp_path / "runs" / "small"), rows)
+
+
+@pytest.mark.parametrize("case", ["yaml", "key", "model", "unknown_facts", "mesh", "localization", "override"])
+def test_bad_input_gives_one_line_and_writes_nothing(case, tmp_path, tiny_llama_dir, capsys):
+    config = _config(tiny_llama_dir, tmp_path / "runs")
+    args, expect = None, None
+    if case == "yaml":
+        path = tmp_path / "bad.yaml"
+        path.write_text("name: x\ntrain: {steps: 3\n")
+        args, expect = [str(path)], "not valid YAML at line"
+    elif case == "key":
+        config["train"]["setps"] = 3
+        args, expect = [str(_write(tmp_path, config))], "did you mean 'train.steps'"
+    elif case == "model":
+        config["models"] = [str(tmp_path / "no-such-model")]
+        args, expect = [str(_write(tmp_path, config))], "unknown model"
+    elif case == "unknown_facts":
+        config["data"]["known_threshold"] = 0.99  # a random model knows no athlete
+        args, expect = [str(_write(tmp_path, config))], "team-sport athletes"
+    elif case == "mesh":
+        config["mesh"] = {"data": 3, "fsdp": 1, "tensor": 1}
+        args, expect = [str(_write(tmp_path, config))], "needs 3 devices"
+    elif case == "localization":
+        config["localizations"] = ["manual_interpp"]
+        args, expect = [str(_write(tmp_path, config))], "did you mean 'manual_interp'"
+    elif case == "override":
+        args, expect = [str(_write(tmp_path, config)), "train.steps"], "is not key=value"
+    assert sweep_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("error: ") and expect in err[-1], err
+    assert not any(line.startswith("error") for line in err[:-1])
+    assert not (tmp_path / "runs" / "small").exists()
