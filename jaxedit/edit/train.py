@@ -206,6 +206,16 @@ PRESETS = {(setting, model, loc): {"lr": _TABLE[setting, model][g][0], "forget_l
 SEQUENTIAL_STEPS = 25  # per partition (§4.5); counterfact_64 presets
 
 
+_PAPER_MODELS = {"gemma-7b": "gemma-7b", "gemma-2-9b": "gemma-2-9b", "meta-llama-3-8b": "llama-3-8b",
+                 "llama-3-8b": "llama-3-8b"}
+
+
+def paper_model(name: str) -> str:
+    """The paper model a hub id or path names ('google/gemma-2-9b' -> 'gemma-2-9b'); the name itself otherwise."""
+    base = name.rstrip("/").split("/")[-1].lower()
+    return _PAPER_MODELS.get(base, base)
+
+
 def preset(setting: str, model: str, localization: str) -> dict:
     """The paper's hyper-parameters, e.g. preset('sports_athletes', 'gemma-7b', 'manual_interp')."""
     try:

@@ -36,12 +36,20 @@ def main(argv=None) -> int:
                         help="a YAML file or the name of a config in configs/ (default: 'default')")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (values are YAML)")
     parser.add_argument("--dry-run", action="store_true", help="print the units and exit")
+    parser.add_argument("--plan", action="store_true", help="print per-device memory of each model under the mesh "
+                        "(shapes only, no weights) and exit")
+    parser.add_argument("--devices", type=int, default=None, help="number of devices to plan for (with --plan)")
     args = parser.parse_args(argv)
     config_arg, overrides = args.config, list(args.overrides)
     if config_arg is not None and "=" in config_arg:
         config_arg, overrides = None, [config_arg] + overrides
     try:
         config = load_config(config_arg, overrides)
+        if args.plan:
+            from jaxedit.sweep.plan import plan
+
+            print(plan(config, args.devices))
+            return 0
         if args.dry_run:
             from jaxedit.sweep.units import expand
 

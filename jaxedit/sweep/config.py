@@ -42,7 +42,8 @@ class LocalizeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    preset: tuple[str, str] | None = None  # (setting, paper model): the paper's lr / coefficient (§4.4)
+    preset: str | None = None  # a §4.4 setting (e.g. sports_athletes): the paper's lr / coefficient per model
+    preset_model: str | None = None  # the paper model whose preset applies (default: from the model name)
     lr: float = 1e-4
     forget_loss_coef: float = 1.0
     maintain_coef: float = 1.0
@@ -92,7 +93,7 @@ class SoftPromptConfig:
     kind: str = "attention"  # 'attention' (the paper's adversary) or 'prefix'
     n_vectors: int = 15
     eps: float = 6.0
-    lr: float = 1e-3
+    lr: float = 1e-5
     steps: int = 16
     batch_size: int = 8
     restarts: int = 2
@@ -283,6 +284,12 @@ def validate(config: SweepConfig) -> None:
         raise JaxeditError(f"soft_prompt.kind {config.soft_prompt.kind!r}: use 'attention' or 'prefix'")
     if config.localize.rule not in ("fill", "threshold"):
         raise JaxeditError(f"localize.rule {config.localize.rule!r}: use 'fill' or 'threshold'")
+    if config.train.preset:
+        from jaxedit.edit.train import paper_model, preset
+
+        for model in config.models:  # fails now, not mid-sweep, when a model or setting has no preset
+            for name in config.localizations:
+                preset(config.train.preset, config.train.preset_model or paper_model(model), name)
     if config.data.n_forget < 2:
         raise JaxeditError("data.n_forget must be ≥ 2 (the attacks split the forget set in half)")
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import jaxedit
 from jaxedit import experiment
 from jaxedit.attacks.relearn import RelearnSettings
-from jaxedit.edit.train import HParams, preset
+from jaxedit.edit.train import HParams, paper_model, preset
 from jaxedit.errors import JaxeditError
 from jaxedit.models import registry
 from jaxedit.sweep import parallel, report
@@ -40,7 +40,7 @@ def settings_for(config: SweepConfig, unit: Unit) -> experiment.Settings:
     t = config.train
     lr, coef = t.lr, t.forget_loss_coef
     if t.preset:
-        chosen = preset(t.preset[0], t.preset[1], unit.localization)
+        chosen = preset(t.preset, t.preset_model or paper_model(unit.model), unit.localization)
         lr, coef = chosen["lr"], chosen["forget_loss_coef"]
     general = config.general_text
     hparams = HParams(lr=lr, forget_loss_coef=coef, maintain_coef=t.maintain_coef,
@@ -57,7 +57,7 @@ def settings_for(config: SweepConfig, unit: Unit) -> experiment.Settings:
 
         s = config.soft_prompt
         soft = SoftPromptSettings(kind=s.kind, n_vectors=s.n_vectors, eps=s.eps, lr=s.lr, steps=s.steps,
-                                  batch_size=s.batch_size, restarts=s.restarts, seed=unit.seed)
+                                  batch_size=s.batch_size, restarts=s.restarts, seed=unit.seed, progress=False)
     return experiment.Settings(hparams=hparams, steps=t.steps, batch_size=t.batch_size,
                                probe_steps=config.eval.probe_steps if config.eval.probes else 0,
                                relearn=relearn, soft_prompt=soft, mmlu_dir=config.eval.mmlu_dir,

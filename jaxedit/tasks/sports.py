@@ -118,15 +118,16 @@ class SportsTask:
         """(prompts, true answer strings) the adversary is trained on (training template)."""
         return [sports.prompt(f.athlete) for f in facts], [sports.answer(f.sport) for f in facts]
 
-    def soft_prompt_metrics(self, model, params, adversary, settings, held_out: list, maintain: list) -> dict:
-        """P(true) / P(injected) on the held-out forget facts and P(true) on maintain, 4 candidates."""
+    def soft_prompt_metrics(self, model, params, adversary, held_out: list, maintain: list) -> dict:
+        """Per restart [R]: P(true) / P(injected) on the held-out forget facts, P(true) on maintain (4 candidates)."""
         from jaxedit.attacks.soft_prompt import attacked_candidate_probs
 
         facts = held_out + maintain
         probs = attacked_candidate_probs(model, params, adversary, [sports.prompt(f.athlete) for f in facts],
-                                         list(sports.answers("fact")), settings)
+                                         list(sports.answers("fact")))  # [R,N,4]
         label = lambda rows, field: np.array([sports.SPORTS.index(getattr(f, field)) for f in rows])  # noqa: E731
         n = len(held_out)
-        return {"forget": float(probs[np.arange(n), label(held_out, "sport")].mean()),
-                "edit": float(probs[np.arange(n), label(held_out, self.inject_field)].mean()),
-                "maintain": float(probs[n + np.arange(len(maintain)), label(maintain, "sport")].mean())}
+        pick = lambda rows, labels: probs[:, rows, labels].mean(-1)  # noqa: E731
+        return {"forget": pick(np.arange(n), label(held_out, "sport")),
+                "edit": pick(np.arange(n), label(held_out, self.inject_field)),
+                "maintain": pick(n + np.arange(len(maintain)), label(maintain, "sport"))}
