@@ -49,8 +49,12 @@ def _write(tmp_path, config: dict, name: str = "sweep.yaml") -> Path:
     return path
 
 
+_CACHE = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"jaxedit-test-cache-{os.getpid()}"
+
+
 def _env(**extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    """The environment of a sweep subprocess: this checkout, one CPU device unless told, a private cache."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAXEDIT_CACHE=str(_CACHE))
     env.pop("XLA_FLAGS", None)
     env.update(extra)
     return env
@@ -197,3 +201,28 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, tmp_path, tiny_llama_
     assert len(err) >= 1 and err[-1].startswith("error: ") and expect in err[-1], err
     assert not any(line.startswith("error") for line in err[:-1])
     assert not (tmp_path / "runs" / "small").exists()
+
+
+def test_counterfact_sequential_sweep_edits_four_partitions(tiny_llama_dir, tmp_path):
+    config = _config(tiny_llama_dir, tmp_path / "runs", task="counterfact_sequential", localizations=["manual_interp"],
+                     data={"n_forget": 8, "pool_size": 2, "max_maintain": 10, "known_threshold": 0.0},
+                     eval={"n_shots": 1, "probes": False})
+    config["relearn"]["enabled"] = False
+    done = _run([_write(tmp_path, config)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = _rows(tmp_path / "runs" / "small")
+    assert len(row["components"]) == 4  # one localization per partition (§4.5)
+    assert row["n_forget"] == 8 and row["n_forget_test"] == 8
+    for key in ("forget", "edit", "maintain", "paraphrase", "neighborhood_edit", "mcq_forget"):
+        assert 0.0 <= row[key] <= 1.0, key
+
+
+def test_plan_gives_per_device_memory_of_gemma2_9b_on_eight_devices():
+    from jaxedit.sweep.plan import plan
+
+    text = plan(load_config("gemma2_9b_sports"))
+    n_params = 9_241_705_984  # Gemma-2-9B: 42 × (attention + MLP + 2·2 norms) + embeddings, bf16
+    per_device_gib = n_params * 2 / 8 / 2**30
+    params_line = next(line for line in text.splitlines() if line.startswith("params"))
+    assert float(params_line.split()[-1]) == pytest.approx(per_device_gib, abs=0.01)
+    assert "8 devices" in text and "FLU MLPs [2, 3, 4, 5, 6]" in text

@@ -9,10 +9,13 @@ from jaxedit.errors import JaxeditError
 from jaxedit.tokenizer import pad
 
 MIN_BUCKET = 16
+LINEAR_FROM = 256  # above this, buckets grow by this step instead of doubling (a 527-token prompt pads to 768)
 
 
 def bucket_length(n_tokens: int) -> int:
-    """The smallest power of two ≥ n_tokens (at least MIN_BUCKET)."""
+    """The smallest power of two ≥ n_tokens (at least MIN_BUCKET), or above LINEAR_FROM the next multiple of it."""
+    if n_tokens > LINEAR_FROM:
+        return -(-n_tokens // LINEAR_FROM) * LINEAR_FROM
     return max(MIN_BUCKET, 1 << (max(n_tokens, 1) - 1).bit_length())
 
 
