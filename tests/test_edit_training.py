@@ -241,3 +241,24 @@ def test_presets_and_errors(model):
     with pytest.raises(JaxeditError):
         train(model, empty, lambda i: {}, 1, HParams(progress=False))
     assert math.isclose(HParams().lr, 1e-5)
+
+
+def test_training_resumes_from_its_orbax_checkpoint(model, batch, tmp_path):
+    """A run stopped after step 3 (checkpoint at step 2) and restarted equals an uninterrupted run."""
+    mask = _mixed_mask()
+    hparams = HParams(lr=1e-2, accumulate=1, progress=False)
+    batches = lambda i: batch  # noqa: E731
+    whole = train(model, mask, batches, 5, hparams)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, _):
+        if step == 2:  # after optimizer step 3
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(model, mask, batches, 5, hparams, on_step=stop_at_3, checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
+    resumed = train(model, mask, batches, 5, hparams, checkpoint_dir=tmp_path, checkpoint_every=2)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, whole), jax.tree.map(np.asarray, resumed))

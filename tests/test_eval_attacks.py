@@ -16,6 +16,7 @@ from jaxedit.edit.lora import TARGETS
 from jaxedit.edit.train import HParams
 from jaxedit.eval import latent
 from jaxedit.eval.sports_eval import accuracies, evaluate_sports, format_metrics
+from jaxedit.attacks.soft_prompt import SoftPromptSettings
 from jaxedit.experiment import Settings, run_experiment
 from jaxedit.tasks.sports import COLUMNS, SportsTask
 
@@ -147,11 +148,13 @@ def test_run_experiment_end_to_end(smol, team):
     task = SportsTask(team[:9])  # 4 forget, 4 maintain train, 1 maintain test (the filter keeps all at threshold 0)
     split = task.split(smol, 4, threshold=0.0)
     settings = Settings(HParams(lr=1e-4, accumulate=1, progress=False), steps=2, probe_steps=10,
-                        relearn=RelearnSettings(lora_rank=2, steps=2, eval_at=(0, 2), accumulate=1))
+                        relearn=RelearnSettings(lora_rank=2, steps=2, eval_at=(0, 2), accumulate=1),
+                        soft_prompt=SoftPromptSettings(kind="prefix", n_vectors=2, steps=2, batch_size=2, restarts=2))
     out = run_experiment(smol, task, split, "manual_interp", settings, scores={"flu_layers": (2, 3)})
     keys = set(COLUMNS) | {"probe_gt_last", "probe_edit_last", "relearn_forget", "relearn_maintain", "n_params",
                            "selection_score", "time/localize", "time/edit", "time/eval_after", "time/probe",
-                           "time/attacks", "time/total"}
+                           "time/attacks", "time/total", "softprompt_forget", "softprompt_edit",
+                           "softprompt_maintain"}
     assert keys <= set(out)
     assert out["n_forget"] == 4 and out["n_maintain_train"] == 4 and out["n_maintain_test"] == 1
     assert out["forget"] == out["after/fact/forget"] and out["edit"] == out["after/qa/edit"]

@@ -44,7 +44,7 @@ def format_metrics(fmt: str, forget_probs: np.ndarray, maintain_probs: np.ndarra
 
 
 def evaluate_sports(model, forget: list, maintain: list, *, params=None, formats=sports.FORMATS,
-                    inject_field: str = "inject_without_golf", batch_size: int = 16) -> dict[str, float]:
+                    inject_field: str = "inject_without_golf", batch_size: int = 32) -> dict[str, float]:
     """Every metric of the module doc for `params` (default the model's), one batched pass per format."""
     unknown = set(formats) - set(sports.FORMATS)
     if unknown:

@@ -64,6 +64,7 @@ class GeneralTextConfig:
     corpus: str | None = None  # .txt / .jsonl / directory; null: text sampled from the original model
     n: int = 32
     ctx: int = 48
+    batch_size: int | None = None  # sequences per micro-batch of the LM/KL term (null: train.batch_size)
 
 
 @dataclasses.dataclass(frozen=True)

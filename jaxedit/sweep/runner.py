@@ -74,6 +74,7 @@ class Preparation:
         d = cfg.data
         self.split = self.task.split(model, d.n_forget, d.known_threshold, d.max_maintain, d.pool_size)
         self.general_text = self._general_text(cfg, model, unit.seed)
+        self.lm_batch_size = cfg.general_text.batch_size
         path = store.prep_path(unit.prep_id)
         if path.is_file():
             cached = json.loads(path.read_text())
@@ -110,8 +111,8 @@ class Preparation:
         from jaxedit.data import text
 
         tokens, mask = self.general_text
-        return text.lm_batches(tokens, mask, settings.batch_size, settings.steps * settings.hparams.accumulate,
-                               settings.seed)
+        return text.lm_batches(tokens, mask, self.lm_batch_size or settings.batch_size,
+                               settings.steps * settings.hparams.accumulate, settings.seed)
 
 
 def _arrays(tree):

@@ -29,7 +29,8 @@ COLUMNS = {  # §6.1 column -> metric key
     "forget_qa": "after/qa/forget", "mcq_forget": "after/mcq/forget", "mcq_edit": "after/mcq/edit",
     "mcq_maintain": "after/mcq/maintain",
 }
-SELECTION = ("fact/forget", "fact/maintain", "qa/edit")  # §4.4 score: forget (train fmt), maintain, edit (sys-QA)
+SELECTION = ("fact/forget", "fact/maintain", "qa/edit")
+EVAL_FORMATS = ("fact", "qa", "mcq")  # §5.2–5.3: training template, system-prompt QA and MCQ  # §4.4 score: forget (train fmt), maintain, edit (sys-QA)
 
 
 class SportsTask:
@@ -95,7 +96,7 @@ class SportsTask:
         """The relearning attack's data: `facts` with their TRUE sport, plus maintain facts."""
         return self._sets(tokenizer, {"forget": (facts, "sport"), "maintain": (maintain, "sport")})
 
-    def evaluate(self, model, forget: list, maintain: list, params=None, formats=sports.FORMATS) -> dict:
+    def evaluate(self, model, forget: list, maintain: list, params=None, formats=EVAL_FORMATS) -> dict:
         return evaluate_sports(model, forget, maintain, params=params, formats=formats,
                                inject_field=self.inject_field)
 
