@@ -1,1 +1,1 @@
-"""Built-in datasets: sports facts (athlete -> sport) with their prompt formats and splits."""
+"""Datasets: sports facts and CounterFact (built-in samples and loaders), general text, and length-bucketed batching."""
