@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
 
 from jaxedit.errors import JaxeditError
+from jaxedit.localize.artifacts import git_sha
 
 PACKAGES = ("jaxedit", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers")
 
@@ -48,15 +48,6 @@ def _jsonable(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def versions() -> dict[str, str | None]:
@@ -87,7 +78,7 @@ class RunStore:
                 raise JaxeditError(f"{self.root} holds a sweep with a different config: pass another name=... "
                                    f"or output=..., or remove the directory")
             return True
-        write_json(self.manifest_path, {"config": config, "versions": versions(), "git_revision": git_revision(),
+        write_json(self.manifest_path, {"config": config, "versions": versions(), "git_revision": git_sha(),
                                         "devices": devices, "platform": platform.platform()})
         return False
 
