@@ -66,14 +66,14 @@ def main(argv=None) -> None:
         jx_rows[0]["resid_full_vs_reuse_maxdiff"] = ours.get("resid_pre_full_maxdiff")
         rows += jx_rows
         print(table(jx_rows), flush=True)
-        del model
         for backend in [b for b in args.peers.split(",") if b]:
-            peer = suite.run_peer(backend, name, cfg, p, args.peer_sites, threads)
+            peer = suite.run_peer(backend, name, model, p, args.peer_sites, threads)
             new = suite.peer_rows(backend, name, cfg, p, peer, ours, matmul, jx_rows)
             for r in new:
                 r.update(matmul_gflops=matmul, loadavg=round(os.getloadavg()[0], 2))
             print(table(new), flush=True)
             rows += new
+        del model
         jax.clear_caches()
     info["loadavg_end"] = os.getloadavg()[0]
     print(f"\nmachine: {info}\n")

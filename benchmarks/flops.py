@@ -3,7 +3,8 @@
 Per layer and token: 2·(matmul params of the layer) for q/k/v/o and the MLP, plus attention
 4·T·H·E (scores QKᵀ and the weighted sum AV over all T keys, the causal half not discounted since
 the dense kernels compute it). Unembedding 2·D·V per unembedded position. Norms, RoPE, softmax and
-biases are left out (a few % at these sizes). A patched forward counts only the layers it recomputes.
+biases are left out (a few % at these sizes). A patched forward counts only the layers and rows it
+recomputes and the logit columns it reads.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ def layer_params(cfg) -> int:
     return d * h * e + 2 * d * k * e + h * e * d + (3 if cfg.gated_mlp else 2) * d * f
 
 
-def layers(cfg, b: int, t: int, n: float) -> float:
-    """n layers over a batch [b,t]."""
-    return n * b * t * (2 * layer_params(cfg) + 4 * t * cfg.n_heads * cfg.head_dim)
+def layers(cfg, b: int, t: int, n: float, keys: int | None = None) -> float:
+    """n layers over a batch of b × t query rows attending to `keys` keys each (default t)."""
+    return n * b * t * (2 * layer_params(cfg) + 4 * (keys or t) * cfg.n_heads * cfg.head_dim)
 
 
-def unembed(cfg, b: int, positions: int) -> float:
-    return 2.0 * cfg.d_model * cfg.vocab_size * b * positions
+def keys_values(cfg, b: int, t: int) -> float:
+    """The target run's keys and values at every layer (re-projected once for a position sweep)."""
+    return cfg.n_layers * b * t * 2 * 2 * cfg.d_model * cfg.n_kv_heads * cfg.head_dim
+
+
+def unembed(cfg, b: int, positions: int, columns: int | None = None) -> float:
+    """Logits of `positions` rows per prompt over the vocabulary, or over `columns` token ids only."""
+    return 2.0 * cfg.d_model * (columns or cfg.vocab_size) * b * positions
 
 
 def forward(cfg, b: int, t: int, unembed_positions: int = 1) -> float:
@@ -33,16 +40,23 @@ def forward_backward(cfg, b: int, t: int) -> float:
     return 3 * forward(cfg, b, t)
 
 
-def sweep(cfg, b: int, t: int, site: str, prefix_reuse: bool) -> float:
-    """A patching sweep: 2 unpatched forwards + per site the recomputed layers and one unembedding.
+def sweep(cfg, b: int, t: int, site: str, prefix_reuse: bool, columns: int = 2) -> float:
+    """A patching sweep: 2 unpatched forwards + the recomputed work of every site.
 
-    resid_pre at layer l with reuse recomputes layers l..L-1; attn_z at layer l recomputes l..L-1 too
-    (the block from its cached input). Without reuse every site is a full forward.
+    With reuse a site at layer l recomputes layers l..L-1 and unembeds the `columns` token ids its
+    metric reads. resid_pre by position packs positions p and T-1-p into one run of T+1 rows whose
+    queries attend to T cached + T+1 packed keys, after re-projecting the target's keys and values.
+    Without reuse every site is a full forward unembedding its last position.
     """
-    n_cols = t if site == "resid_pre" else cfg.n_heads
     L = cfg.n_layers
-    recomputed = sum(L - l for l in range(L)) if prefix_reuse else L * L
-    return 2 * forward(cfg, b, t) + n_cols * (layers(cfg, b, t, recomputed) + unembed(cfg, b, L))
+    if not prefix_reuse:
+        return 2 * forward(cfg, b, t) + L * (t if site == "resid_pre" else cfg.n_heads) * forward(cfg, b, t)
+    suffixes = sum(L - l for l in range(L))
+    if site == "resid_pre":
+        pairs = (t + 1) // 2
+        per_pair = layers(cfg, b, t + 1, suffixes, keys=2 * t + 1) + 2 * unembed(cfg, b, L, columns)
+        return 2 * forward(cfg, b, t) + keys_values(cfg, b, t) + pairs * per_pair
+    return 2 * forward(cfg, b, t) + cfg.n_heads * (layers(cfg, b, t, suffixes) + unembed(cfg, b, L, columns))
 
 
 def atp(cfg, b: int, t: int, unembed_positions: int = 1) -> float:
@@ -58,9 +72,9 @@ def tracing(cfg, b: int, t: int, samples: int) -> float:
     return (1 + samples) * forward(cfg, b, t) + samples * per_sample
 
 
-def train_step(cfg, b: int, t: int, lora: bool) -> float:
+def train_step(cfg, b: int, t: int, lora: bool, unembed_positions: int = 1) -> float:
     """Two batches (forget, maintain), each forward + backward to the activations, plus weight
     gradients of the trainable matmuls (all MLPs when masked; LoRA adapters are negligible)."""
     mlp = (3 if cfg.gated_mlp else 2) * cfg.d_model * cfg.d_mlp * cfg.n_layers
     weight_grads = 0.0 if lora else 2.0 * mlp * b * t
-    return 2 * (2 * forward(cfg, b, t) + weight_grads)
+    return 2 * (2 * forward(cfg, b, t, unembed_positions) + weight_grads)

@@ -2,15 +2,18 @@
 
     python benchmarks/peer_tl.py < request.json > reply.json
 
-Runs in its own process (backend "tl" in benchmarks/.venv-peer, backend "hf" in any env with torch
-and transformers), so nothing of it is imported by jaxedit. Request (JSON):
+Runs in its own process in benchmarks/.venv-peer (TransformerLens and PEFT installed there), so
+nothing of it is imported by jaxedit. Request (JSON):
   {"backend": "tl"|"hf", "model_dir": str, "clean": [[int]] [B,T], "corrupt": [[int]], "answer": [B],
-   "other": [B], "tasks": ["resid_pre", "attn_z", "atp"], "sites": {task: [[i, j], ...]}, "threads": int}
-`sites` lists the (layer, pos) or (layer, head) indices to patch (a subset keeps the peer's time
-bounded; its rate per patched forward is what is compared). Metric: mean over prompts of the
+   "other": [B], "tasks": [...], "sites": {task: [[i, j], ...]}, "threads": int,
+   "noise": [S,B,T,D] (causal tracing), "subject": [[bool]] [B,T]}
+tasks: "resid_pre", "attn_z", "atp" (TL); "resid_pre", "attn_z", "forward", "forward_backward",
+"causal_tracing", "train_step", "lora_step" (HF). `sites` lists the (layer, pos), (layer, head) or,
+for causal tracing, (layer, head or H for the MLP) indices (a subset keeps the peer's time bounded;
+its rate per patched forward is what is compared). Patching metric: mean over prompts of the
 last-position logit difference logits[answer] − logits[other], patching clean into corrupt.
-Reply: {task: {"scores": [...] (one per site; for atp {site: nested list}), "seconds": float,
-"forwards": int}, "load_s": float, "versions": {...}}.
+Reply: {task: {"scores" or "value": ..., "seconds": float, "forwards": int}, "load_s": float,
+"versions": {...}}.
 """
 
 from __future__ import annotations
@@ -129,6 +132,9 @@ def hf_run(req, clean, corrupt, answer, other):
     cfg = hf.config
     heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads)
+    out.update(hf_dense_tasks(req, hf, clean, answer, other))
+    if "causal_tracing" in req["tasks"]:
+        out["causal_tracing"] = hf_causal_tracing(req, hf, clean, answer)
     for task in req["tasks"]:
         if task not in ("resid_pre", "attn_z"):
             continue
@@ -161,6 +167,131 @@ def hf_run(req, clean, corrupt, answer, other):
                 scores.append(float(logit_diff(hf(corrupt).logits, answer, other)))
             h.remove()
         out[task] = {"scores": scores, "seconds": time.perf_counter() - start, "forwards": len(scores) + 1}
+    out.update(hf_train_steps(req, hf, clean, answer, other))
+    return out
+
+
+def _timed(fn, repeats=3):
+    """(last result, median seconds of `repeats` calls after one untimed warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, sorted(times)[len(times) // 2]
+
+
+def _mlp_out_module(layer):
+    """The module whose output is jaxedit's mlp_out: the post-MLP norm where the family has one."""
+    return getattr(layer, "post_feedforward_layernorm", None) or layer.mlp
+
+
+def _embedding(hf):
+    body = getattr(hf, "model", None) or hf.transformer
+    return body.embed_tokens if hasattr(body, "embed_tokens") else body.wte
+
+
+def hf_dense_tasks(req, hf, clean, answer, other):
+    """Plain forward and forward+backward (all parameter grads) of the clean batch: {task: reply}."""
+    out = {}
+    if "forward" in req["tasks"]:
+        with torch.no_grad():
+            value, seconds = _timed(lambda: float(logit_diff(hf(clean).logits, answer, other)))
+        out["forward"] = {"value": value, "seconds": seconds, "forwards": 1}
+    if "forward_backward" in req["tasks"]:
+        def fwd_bwd():
+            hf.zero_grad(set_to_none=True)
+            loss = logit_diff(hf(clean).logits, answer, other)
+            loss.backward()
+            return float(loss)
+        value, seconds = _timed(fwd_bwd)
+        hf.zero_grad(set_to_none=True)
+        out["forward_backward"] = {"value": value, "seconds": seconds, "forwards": 1}
+    return out
+
+
+def hf_causal_tracing(req, hf, clean, answer):
+    """Noise the subject's embeddings (the request's noise), restore one head's z or one MLP output from
+    the clean run, per requested set: NIE of the answer probability (mean over prompts)."""
+    layers = _layers(hf)
+    heads = hf.config.num_attention_heads if hasattr(hf.config, "num_attention_heads") else hf.config.n_head
+    noise = torch.tensor(req["noise"], dtype=torch.float32)[0]  # one noise sample [B,T,D]
+    rows = torch.arange(clean.shape[0])
+    prob = lambda logits: torch.softmax(logits[:, -1].float(), -1)[rows, answer]  # noqa: E731
+    saved, hooks = {}, []
+    for i, layer in enumerate(layers):  # one clean forward caching o_proj inputs and MLP outputs
+        hooks.append(_o_proj(layer).register_forward_pre_hook(
+            lambda m, args, i=i: saved.__setitem__(("z", i), args[0].clone())))
+        hooks.append(_mlp_out_module(layer).register_forward_hook(
+            lambda m, args, output, i=i: saved.__setitem__(("mlp", i), output.clone())))
+    with torch.no_grad():
+        p_clean = prob(hf(clean).logits)
+    for h in hooks:
+        h.remove()
+    noised = _embedding(hf).register_forward_hook(lambda m, args, output: output + noise)
+    with torch.no_grad():
+        p_corrupt = prob(hf(clean).logits)
+    head_dim = saved[("z", 0)].shape[-1] // heads
+    start = time.perf_counter()
+    scores = []
+    for l, j in req["sites"]["causal_tracing"]:
+        if j < heads:
+            def restore(m, args, l=l, j=j):
+                x = args[0].clone()
+                x[..., j * head_dim:(j + 1) * head_dim] = saved[("z", l)][..., j * head_dim:(j + 1) * head_dim]
+                return (x,) + tuple(args[1:])
+            h = _o_proj(layers[l]).register_forward_pre_hook(restore)
+        else:
+            h = _mlp_out_module(layers[l]).register_forward_hook(lambda m, args, output, l=l: saved[("mlp", l)])
+        with torch.no_grad():
+            p = prob(hf(clean).logits)
+        h.remove()
+        scores.append(float(((p - p_corrupt) / (p_clean - p_corrupt)).mean()))
+    seconds = time.perf_counter() - start
+    noised.remove()
+    return {"scores": scores, "seconds": seconds, "forwards": len(scores)}
+
+
+def hf_train_steps(req, hf, clean, answer, other):
+    """One AdamW micro-step on forget (answer) + maintain (other) cross-entropy at the last position:
+    MLP weights only ("train_step"), or PEFT LoRA r=8, alpha 16 on all linear layers ("lora_step")."""
+    import torch.nn.functional as F
+    out = {}
+
+    def make_step(model, trainable):
+        opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            logits = model(clean).logits[:, -1]
+            logits_m = model(clean).logits[:, -1]
+            loss = F.cross_entropy(logits, answer) + F.cross_entropy(logits_m, other)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            return float(loss)
+        return step
+
+    if "train_step" in req["tasks"]:
+        state = {n: p.detach().clone() for n, p in hf.named_parameters()}
+        for name, p in hf.named_parameters():
+            p.requires_grad_(".mlp." in name)
+        step = make_step(hf, [p for p in hf.parameters() if p.requires_grad])
+        first = step()
+        _, seconds = _timed(step)
+        out["train_step"] = {"value": first, "seconds": seconds, "forwards": 2}
+        with torch.no_grad():  # back to the loaded weights for the LoRA step
+            for name, p in hf.named_parameters():
+                p.copy_(state[name])
+                p.requires_grad_(True)
+    if "lora_step" in req["tasks"]:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+        step = make_step(model, [p for p in model.parameters() if p.requires_grad])
+        first = step()
+        _, seconds = _timed(step)
+        out["lora_step"] = {"value": first, "seconds": seconds, "forwards": 2}
     return out
 
 

@@ -26,12 +26,16 @@ import numpy as np
 from benchmarks import flops
 from jaxedit.edit import lora as lora_mod
 from jaxedit.edit import optim, train
-from jaxedit.localize import activation_patching, attribution, causal_tracing, metrics
+from jaxedit.localize import activation_patching, attribution, causal_tracing, corruptions, metrics
 from jaxedit.models import core, registry
 
 HERE = Path(__file__).parent
 PEER_PY = HERE / ".venv-peer" / "bin" / "python"
 GPT2 = "gpt2-small-random"
+TRACING_KEY = jax.random.key(0)
+TRAIN_LABEL, LORA_LABEL = "masked train step (MLPs)", "LoRA step (r=8, all linears)"
+RESID_LABEL, HEADS_LABEL = "patch resid_pre L×T prefix-reuse", "patch attn_z L×H prefix-reuse"
+TRACING_LABEL = "causal tracing heads+MLPs (1 noise samples)"
 
 
 # ---------------------------------------------------------------- machine and models
@@ -113,11 +117,6 @@ def row(model, path, first, steady, *, forwards, tokens, flop, matmul, impl="jax
             "frac_matmul": round(flop / steady / 1e9 / matmul, 3), "peak_rss_mb": round(rss_mb()), **extra}
 
 
-def ld_metric(logits, answer, other):
-    """[B] last-position logit difference (module level: one compiled sweep per shape)."""
-    return metrics.logit_diff(logits, answer, other)
-
-
 # ---------------------------------------------------------------- jaxedit hot paths
 
 
@@ -137,21 +136,23 @@ def run_jaxedit(name, model, p, matmul, repeats, chunk) -> tuple[list[dict], dic
 
     first, steady = timed(plain, params, clean, repeats=max(repeats, 3))
     rows.append(row(name, "forward", first, steady, forwards=1, tokens=b * t, flop=fwd, matmul=matmul))
+    scores["forward"] = float(metrics.logit_diff(plain(params, clean)[:, 0], answer, other).mean())
 
     @jax.jit
     def fwd_bwd(params, tokens):
         def loss(params):
             logits = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=last)[0][:, 0]
-            return ld_metric(logits, answer, other).mean()
+            return metrics.logit_diff(logits, answer, other).mean()
         return jax.value_and_grad(loss)(params)
 
     first, fb_steady = timed(fwd_bwd, params, clean, repeats=max(repeats, 3))
+    scores["forward_backward"] = float(fwd_bwd(params, clean)[0])
     rows.append(row(name, "forward+backward (param grads)", first, fb_steady, forwards=1, tokens=b * t,
                     flop=flops.forward_backward(cfg, b, t), matmul=matmul))
 
     sweeps = [("resid_pre", True), ("resid_pre", False), ("attn_z", True)]
     for site, reuse in sweeps:
-        run = partial(activation_patching.patching_sweep, params, cfg, clean, corrupt, mask, metric=ld_metric,
+        run = partial(activation_patching.patching_sweep, params, cfg, clean, corrupt, mask, metric=metrics.logit_diff,
                       metric_args=(answer, other), site=site, chunk_size=chunk, prefix_reuse=reuse)
         result = []
         first, steady = timed(lambda: result.append(run()) or 0, repeats=repeats)
@@ -173,28 +174,40 @@ def run_jaxedit(name, model, p, matmul, repeats, chunk) -> tuple[list[dict], dic
                     flop=flops.atp(cfg, b, t), matmul=matmul, vs_fwd_bwd=round(steady / fb_steady, 2)))
     scores["atp"] = result[-1].scores
 
-    key = jax.random.key(0)
     samples = 1
     run = partial(causal_tracing.trace_components, params, cfg, p["clean"], p["mask"], p["subject"], p["answer"],
-                  key, samples=samples, chunk=cfg.n_heads + 1)
-    first, steady = timed(lambda: run().nie["mlp_out"], repeats=repeats)
+                  TRACING_KEY, noise=tracing_noise(model, p)[1], samples=samples, chunk=cfg.n_heads + 1)
+    result = []
+    first, steady = timed(lambda: result.append(run()) or 0, repeats=repeats)
+    nie = result[-1].nie
+    scores["causal_tracing"] = np.concatenate([nie["attn_z"], nie["mlp_out"][:, None]], axis=1)  # [L, H+1]
     n_sets = cfg.n_layers * (cfg.n_heads + 1)
-    rows.append(row(name, f"causal tracing heads+MLPs ({samples} noise samples)", first, steady,
+    rows.append(row(name, TRACING_LABEL, first, steady,
                     forwards=n_sets * samples, tokens=n_sets * samples * b * t,
                     flop=flops.tracing(cfg, b, t, samples), matmul=matmul, sites=n_sets))
 
-    rows += train_rows(name, model, p, matmul, repeats)
-    return rows, scores
+    train, first_losses = train_rows(name, model, p, matmul, repeats)
+    scores.update(first_losses)
+    return rows + train, scores
 
 
-def train_rows(name, model, p, matmul, repeats) -> list[dict]:
-    """One masked micro-step (all MLPs trainable) and one LoRA (rank 8, all linears) micro-step."""
+def tracing_noise(model, p) -> tuple[np.ndarray, float]:
+    """The subject noise [1,B,T,D] causal tracing draws from TRACING_KEY, and its ROME scale (sent to the peer)."""
+    cfg, tokens = model.cfg, np.asarray(p["clean"])
+    scale = corruptions.noise_scale(model.params["embed"]["tokens"], tokens[p["subject"]], "rome", cfg.embed_scale)
+    noise = corruptions.subject_noise(TRACING_KEY, jnp.asarray(p["subject"]), cfg.d_model, float(scale), 1)
+    return np.asarray(noise), float(scale)
+
+
+def train_rows(name, model, p, matmul, repeats) -> tuple[list[dict], dict]:
+    """One masked micro-step (all MLPs trainable) and one LoRA (rank 8, all linears) micro-step; their rows and
+    the loss of each's first step (at the loaded weights: what the peer's first step must also give)."""
     cfg, params = model.cfg, model.params
     b, t = p["clean"].shape
     part = {"tokens": jnp.asarray(p["clean"]), "mask": jnp.asarray(p["mask"]), "target": jnp.asarray(p["answer"])}
     batch = {"forget": part, "maintain": dict(part, target=jnp.asarray(p["other"]))}
     weights = train.LossWeights(forget=1.0, maintain=1.0, lm=0.0)
-    rows = []
+    rows, first_losses = [], {}
     mlp_mask = jax.tree_util.tree_map_with_path(
         lambda path, a: np.full((1,) * a.ndim, any(getattr(k, "key", None) == "mlp" for k in path)), params)
     trainable, frozen = optim.split_trainable(params, mlp_mask)
@@ -202,8 +215,8 @@ def train_rows(name, model, p, matmul, repeats) -> list[dict]:
     spec = train.LoraSpec(8, 16.0)
     adapters = lora_mod.init_lora(params, spec.rank, jax.random.key(1))
     amask = jax.tree.map(lambda a: np.ones((1,) * a.ndim, bool), adapters)
-    for label, tr, fr, m, lora in (("masked train step (MLPs)", trainable, frozen, tmask, None),
-                                   ("LoRA step (r=8, all linears)", adapters, params, amask, spec)):
+    for task, label, tr, fr, m, lora in (("train_step", TRAIN_LABEL, trainable, frozen, tmask, None),
+                                         ("lora_step", LORA_LABEL, adapters, params, amask, spec)):
         opt = optim.masked_adamw(m, 1e-5, accumulate=1)
         state = {"tr": jax.tree.map(jnp.copy, tr)}
         state["opt"] = opt.init(state["tr"])
@@ -211,12 +224,13 @@ def train_rows(name, model, p, matmul, repeats) -> list[dict]:
         def step():
             state["tr"], state["opt"], out = train.train_step(state["tr"], fr, state["opt"], batch, cfg, weights, opt,
                                                                m, None, lora)
+            first_losses.setdefault(task, float(out["loss"]))
             return out["loss"]
 
         first, steady = timed(step, repeats=max(repeats, 3))
         rows.append(row(name, label, first, steady, forwards=2, tokens=2 * b * t,
                         flop=flops.train_step(cfg, b, t, lora=lora is not None), matmul=matmul))
-    return rows
+    return rows, first_losses
 
 
 # ---------------------------------------------------------------- peers
@@ -228,19 +242,24 @@ def peer_sites(n_layers: int, n_cols: int, k: int) -> list[list[int]]:
     return [[int(i // n_cols), int(i % n_cols)] for i in flat]
 
 
-def run_peer(backend, name, cfg, p, n_sites, threads) -> dict:
-    t = p["clean"].shape[1]
-    req = {"backend": backend, "model_dir": str(model_dir(name)), "tokenizer_dir": str(tokenizer_dir(name)),
-           "threads": threads, "tasks": ["resid_pre", "attn_z"] + (["atp"] if backend == "tl" else []),
-           "sites": {"resid_pre": peer_sites(cfg.n_layers, t, n_sites),
-                     "attn_z": peer_sites(cfg.n_layers, cfg.n_heads, n_sites)},
-           **{k: p[k].tolist() for k in ("clean", "corrupt", "answer", "other")}}
-    python = str(PEER_PY) if backend == "tl" else sys.executable
-    if backend == "tl" and not PEER_PY.exists():
+HF_TASKS = ("resid_pre", "attn_z", "forward", "forward_backward", "causal_tracing", "train_step", "lora_step")
+
+
+def run_peer(backend, name, model, p, n_sites, threads) -> dict:
+    """The peer's reply for one model (`peer_tl.py` in benchmarks/.venv-peer), or {"error": one line}."""
+    cfg, t = model.cfg, p["clean"].shape[1]
+    if not PEER_PY.exists():
         return {"error": f"no peer venv at {PEER_PY}: run benchmarks/setup_peer.sh"}
+    req = {"backend": backend, "model_dir": str(model_dir(name)), "tokenizer_dir": str(tokenizer_dir(name)),
+           "threads": threads, "tasks": ["resid_pre", "attn_z", "atp"] if backend == "tl" else list(HF_TASKS),
+           "sites": {"resid_pre": peer_sites(cfg.n_layers, t, n_sites),
+                     "attn_z": peer_sites(cfg.n_layers, cfg.n_heads, n_sites),
+                     "causal_tracing": peer_sites(cfg.n_layers, cfg.n_heads + 1, n_sites)},
+           "noise": tracing_noise(model, p)[0].tolist(), "subject": p["subject"].tolist(),
+           **{k: p[k].tolist() for k in ("clean", "corrupt", "answer", "other")}}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([python, str(HERE / "peer_tl.py")], input=json.dumps(req), capture_output=True, text=True,
-                          env=env)
+    proc = subprocess.run([str(PEER_PY), str(HERE / "peer_tl.py")], input=json.dumps(req), capture_output=True,
+                          text=True, env=env)
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
     out = json.loads(proc.stdout)
@@ -249,37 +268,41 @@ def run_peer(backend, name, cfg, p, n_sites, threads) -> dict:
 
 
 def peer_rows(backend, name, cfg, p, peer, ours, matmul, jx_rows) -> list[dict]:
-    impl = {"tl": "TransformerLens", "hf": "HF-torch hooks"}[backend]
+    """One row per task the peer ran: its rate, FLOP/s, agreement with jaxedit and jaxedit's speed-up."""
+    impl = {"tl": "TransformerLens", "hf": "HF-torch"}[backend]
     if "error" in peer:
         return [{"model": name, "path": "peer", "impl": impl, "error": peer["error"]}]
     b, t = p["clean"].shape
-    rows = []
     jx = {r["path"]: r for r in jx_rows}
-    for task, label in (("resid_pre", "patch resid_pre L×T prefix-reuse"), ("attn_z", "patch attn_z L×H prefix-reuse")):
-        if task not in peer:
-            continue
-        res = peer[task]
-        idx = np.asarray(peer["sites"][task])
-        mine = ours[task][idx[:, 0], idx[:, 1]]
-        per_fwd = flops.forward(cfg, b, t, unembed_positions=t)  # peers unembed every position
-        n = len(res["scores"])
-        rate = n / res["seconds"]
-        r = row(name, label.replace(" prefix-reuse", ""), res["seconds"], res["seconds"], forwards=n,
-                tokens=n * b * t, flop=per_fwd * n, matmul=matmul, impl=impl, sites=n,
-                max_abs_diff=float(np.abs(np.asarray(res["scores"]) - mine).max()),
-                jaxedit_over_peer=round(jx[label]["fwd_per_s"] / rate, 2))
+    full = flops.forward(cfg, b, t, unembed_positions=t)  # peers unembed every position
+    rows = []
+
+    def add(label, res, flop, diff, speedup, **extra):
+        r = row(name, label, res["seconds"], res["seconds"], forwards=res["forwards"], tokens=res["forwards"] * b * t,
+                flop=flop, matmul=matmul, impl=impl, max_abs_diff=diff, jaxedit_over_peer=round(speedup, 2), **extra)
         r["compile_s"] = None
         r["peak_rss_mb"] = round(peer.get("peak_rss_mb", 0))
         rows.append(r)
+
+    for task, label in (("resid_pre", RESID_LABEL), ("attn_z", HEADS_LABEL), ("causal_tracing", TRACING_LABEL)):
+        if task in peer:
+            res, idx = peer[task], np.asarray(peer["sites"][task])
+            mine = ours[task][idx[:, 0], idx[:, 1]]
+            n = len(res["scores"])
+            add(label.replace(" prefix-reuse", ""), dict(res, forwards=n), full * n,
+                float(np.abs(np.asarray(res["scores"]) - mine).max()), jx[label]["fwd_per_s"] * res["seconds"] / n,
+                sites=n, max_abs_score=float(np.abs(mine).max()))
+    dense = (("forward", "forward", full), ("forward_backward", "forward+backward (param grads)", 3 * full),
+             ("train_step", TRAIN_LABEL, flops.train_step(cfg, b, t, lora=False, unembed_positions=t)),
+             ("lora_step", LORA_LABEL, flops.train_step(cfg, b, t, lora=True, unembed_positions=t)))
+    for task, label, flop in dense:
+        if task in peer:
+            res = peer[task]
+            add(label, res, flop, abs(res["value"] - ours[task]), res["seconds"] / jx[label]["steady_s"])
     if "atp" in peer:
         res = peer["atp"]
         diff = max(float(np.abs(np.asarray(res["scores"][s]) - ours["atp"][s]).max()) for s in res["scores"])
         scale = max(float(np.abs(ours["atp"][s]).max()) for s in res["scores"])
-        r = row(name, "attribution patching (resid_pre, attn_z, mlp_out)", res["seconds"], res["seconds"],
-                forwards=2, tokens=2 * b * t, flop=flops.atp(cfg, b, t, unembed_positions=t), matmul=matmul,
-                impl=impl, max_abs_diff=diff, max_abs_score=scale,
-                jaxedit_over_peer=round(res["seconds"] / jx["attribution patching (all sites)"]["steady_s"], 2))
-        r["compile_s"] = None
-        r["peak_rss_mb"] = round(peer.get("peak_rss_mb", 0))
-        rows.append(r)
+        add("attribution patching (resid_pre, attn_z, mlp_out)", res, flops.atp(cfg, b, t, unembed_positions=t),
+            diff, res["seconds"] / jx["attribution patching (all sites)"]["steady_s"], max_abs_score=scale)
     return rows

@@ -20,9 +20,9 @@ ANSWER = np.array([5, 6, 7])
 OTHERS = np.array([[8, 9], [10, 11], [12, 13]])
 
 
-def _pair_batch():
-    """Left-padded clean tokens, aligned corrupt tokens (every real token replaced), mask: [3,8]."""
-    clean, mask = padded_batch("left", lengths=(8, 5, 3), seed=0)
+def _pair_batch(padding_side="left", lengths=(8, 5, 3)):
+    """Padded clean tokens, aligned corrupt tokens (every real token replaced), mask: [3,max(lengths)]."""
+    clean, mask = padded_batch(padding_side, lengths=lengths, seed=0)
     corrupt = np.where(mask.astype(bool), (clean * 7 + 3) % (VOCAB - 3) + 3, 0)
     return clean, corrupt, mask
 
@@ -40,8 +40,8 @@ def gemma3(tmp_path_factory):
     return jaxedit.load(path)
 
 
-def _sweep(model, site, direction, **kw):
-    clean, corrupt, mask = _pair_batch()
+def _sweep(model, site, direction, batch=(), **kw):
+    clean, corrupt, mask = _pair_batch(*batch)
     return ap.patching_sweep(model.params, model.cfg, clean, corrupt, mask, metric=logit_diff,
                              metric_args=(ANSWER, OTHERS), site=site, direction=direction, **kw)
 
@@ -57,10 +57,10 @@ def _patched_forward(params, tokens, mask, layer, wheres, values, cfg):
     return logit_diff(logits[:, 0], ANSWER, OTHERS)
 
 
-def _loop_reference(model, site, direction, unit_axis, by_position):
+def _loop_reference(model, site, direction, unit_axis, by_position, batch=()):
     """Per-example metric [L, U?, T?, B] from one patched `core.forward` per site (a Python loop)."""
     cfg, params = model.cfg, model.params
-    clean, corrupt, mask = (jnp.asarray(a) for a in _pair_batch())
+    clean, corrupt, mask = (jnp.asarray(a) for a in _pair_batch(*batch))
     target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     _, values = model.forward(source, attention_mask=mask, capture=tuple(ap.UNIT_AXIS))
     no_patch = {name: np.zeros((1,) + v.shape[2:], bool) for name, v in values.items()}
@@ -101,6 +101,18 @@ def test_sweep_equals_loop_of_single_patched_forwards(gemma3, site, by_position,
     assert np.abs(result.per_example - ref).max() <= 1e-5
     np.testing.assert_allclose(result.scores, ref.mean(-1), atol=1e-5)
     assert np.ptp(result.scores) > 1e-2  # the patches do something
+
+
+@pytest.mark.parametrize("site,direction,lengths", [("resid_pre", "denoise", (11, 6, 3)), ("attn_z", "noise", (10, 7, 2)),
+                                                    ("mlp_out", "denoise", (11, 6, 3))])
+def test_packed_position_pairs_skip_earlier_positions_exactly(gemma3, site, direction, lengths):
+    """Right padding (prompts ending before a patch), odd and even T, sliding-window layers reading the
+    target's cached keys across the packed suffixes: still the loop of full patched forwards."""
+    batch = ("right", lengths)
+    result = _sweep(gemma3, site, direction, batch, by_position=True, chunk_size=5)
+    ref = _loop_reference(gemma3, site, direction, ap.UNIT_AXIS[site], True, batch)
+    assert np.abs(result.per_example - ref).max() <= 1e-5
+    assert np.ptp(result.scores) > 1e-2
 
 
 def test_prefix_reuse_off_agrees(gemma3):

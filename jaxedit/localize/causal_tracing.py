@@ -158,8 +158,8 @@ def _trace(params, cfg, tokens, mask, subject, answer, candidates, key, scale, r
     sites = tuple(restore)
 
     def prob(final):  # final residual [B,T,D] -> p [B]
-        logits = core.unembed(cfg, params, jnp.take_along_axis(final, last[..., None], axis=1)[:, 0])
-        return metrics.answer_prob(logits, answer, candidates)
+        x = jnp.take_along_axis(final, last[..., None], axis=1)[:, 0]
+        return metrics.on_residual(cfg, params, metrics.answer_prob, x, answer, candidates)
 
     def answer_prob(logits):
         return metrics.answer_prob(logits[:, 0], answer, candidates)

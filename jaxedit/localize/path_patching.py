@@ -84,7 +84,7 @@ def _extraction(params, clean, corrupt, mask, answer, others, cfg: ModelConfig, 
         x, _ = core.run_layers(cfg, jax.tree.map(one, params["layers"]), jax.tree.map(one, consts), x_orig[layer],
                                ctx, {"attn_z": SiteEdit(mask=freeze, value=z[None])}, ())
         x = core.run_from(cfg, params, x, ctx, layer + 1, frozen)
-        return metrics.logit_diff(core.unembed(cfg, params, x[:, 0]), answer, others)
+        return metrics.on_residual(cfg, params, metrics.logit_diff, x[:, 0], answer, others)
 
     def layer_senders(layer):
         return jax.lax.map(partial(sender, layer), jnp.arange(cfg.n_heads), batch_size=head_chunk or cfg.n_heads)
@@ -104,7 +104,7 @@ def _enrichment(params, clean, corrupt, mask, answer, others, cfg: ModelConfig, 
     def sender(d):
         x = core.run_from(cfg, params, x_orig + d, ctx, receiver)
         x = jnp.take_along_axis(x, last[..., None], axis=1)[:, 0]
-        return metrics.logit_diff(core.unembed(cfg, params, x), answer, others)
+        return metrics.on_residual(cfg, params, metrics.logit_diff, x, answer, others)
 
     patched = jax.lax.map(sender, delta, batch_size=min(chunk, receiver))  # [r,B]
     scores = _normalize(patched, ld_clean, ld_corrupt)

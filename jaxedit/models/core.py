@@ -28,6 +28,10 @@ class Context(NamedTuple):
     allowed_global: jax.Array  # [B,T,T] bool: query t may attend key s
     allowed_local: jax.Array  # [B,T,T] bool: same, within the sliding window
 
+    def rows(self, start: int) -> Context:
+        """The context of query positions start..T-1 over all T keys (masks [B,T-start,T])."""
+        return Context(self.positions[:, start:], self.allowed_global[:, start:], self.allowed_local[:, start:])
+
 
 class LayerConstants(NamedTuple):
     """Per-layer data scanned with the weights."""
@@ -112,8 +116,15 @@ class Sites:
         return act
 
 
-def attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: Sites) -> jax.Array:
-    """Grouped-query attention of normalized input x [B,T,D]; returns z [B,T,H,E]."""
+class KeysValues(NamedTuple):
+    """Keys and values of earlier positions as attention reads them (after q/k norms and RoPE)."""
+
+    k: jax.Array  # [B,S,K,E]
+    v: jax.Array  # [B,S,K,E]
+
+
+def _qkv(cfg: ModelConfig, p: dict, x: jax.Array, positions: jax.Array, inv_freq, site: Sites):
+    """Queries [B,T,H,E], keys and values [B,T,K,E] of normalized input x [B,T,D] at `positions`."""
     q = jnp.einsum("btd,dhe->bthe", x, p["wq"])
     k = jnp.einsum("btd,dke->btke", x, p["wk"])
     v = jnp.einsum("btd,dke->btke", x, p["wv"])
@@ -124,8 +135,29 @@ def attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, i
         q = _norm(cfg, {"scale": p["q_norm"]}, q)
         k = _norm(cfg, {"scale": p["k_norm"]}, k)
     if cfg.uses_rope:
-        q, k = _rope(q, ctx.positions, inv_freq), _rope(k, ctx.positions, inv_freq)
-    b, t, n_kv, e = k.shape
+        q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
+    return q, k, v
+
+
+def keys_values(cfg: ModelConfig, lp: dict, x: jax.Array, positions: jax.Array, inv_freq) -> KeysValues:
+    """One layer's keys and values [B,T,K,E] of residual x [B,T,D] (`resid_pre`), unedited."""
+    _, k, v = _qkv(cfg, lp["attn"], _norm(cfg, lp["attn_norm"], x), positions, inv_freq, Sites({}, ()))
+    return KeysValues(k, v)
+
+
+def attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: Sites,
+              prefix: KeysValues | None = None) -> jax.Array:
+    """Grouped-query attention of normalized input x [B,T,D]; returns z [B,T,H,E].
+
+    prefix: keys and values of S earlier positions that x's rows also attend to; then x holds
+    positions S..S+T-1 and ctx's masks are [B,T,S+T] (`Context.rows`).
+    """
+    q, k, v = _qkv(cfg, p, x, ctx.positions, inv_freq, site)
+    if prefix is not None:
+        k = jnp.concatenate([prefix.k.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([prefix.v.astype(v.dtype), v], axis=1)
+    b, t = q.shape[:2]
+    n_kv, e = k.shape[2:]
     groups = cfg.n_heads // n_kv
     q = q.reshape(b, t, n_kv, groups, e)
     scores = jnp.einsum("btkge,bske->bkgts", q, k) * jnp.asarray(cfg.query_scale, q.dtype)
@@ -155,11 +187,15 @@ def _mlp(cfg: ModelConfig, p: dict, x: jax.Array, site: Sites) -> jax.Array:
     return out + p["b_down"] if cfg.mlp_bias else out
 
 
-def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: Sites) -> jax.Array:
-    """One decoder layer on residual x [B,T,D], with one layer's params `lp` (no L axis)."""
+def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: Sites,
+          prefix: KeysValues | None = None) -> jax.Array:
+    """One decoder layer on residual x [B,T,D], with one layer's params `lp` (no L axis).
+
+    prefix: this layer's keys and values of earlier positions (see `attention`).
+    """
     x = site("resid_pre", x)
     h = site("attn_in", _norm(cfg, lp["attn_norm"], x))
-    z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site)
+    z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site, prefix)
     attn_out = jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"])
     if cfg.attn_bias:
         attn_out = attn_out + lp["attn"]["bo"]
@@ -220,6 +256,7 @@ def run_from(
     ctx: Context,
     start: int | jax.Array,
     edits: dict[str, SiteEdit] | None = None,
+    prefix: KeysValues | None = None,
 ) -> jax.Array:
     """Final residual [B,T,D] from x = resid_pre of layer `start`, running only layers start..L-1.
 
@@ -227,15 +264,16 @@ def run_from(
     `vmap` with a batched `start` the loop runs to the longest suffix, so map over layers
     sequentially (`lax.map`) and vmap over sites within a layer. Not reverse-differentiable in
     `start`-traced form (a while loop); use `run_layers` for gradients. edits: per-layer sites
-    with a leading L axis, as in `forward` (validated there).
+    with a leading L axis, as in `forward` (validated there). prefix: keys and values [L,B,S,K,E]
+    of S unchanged earlier positions; x then holds only the later rows (ctx from `Context.rows`).
     """
     consts = layer_constants(cfg)
     edits = {k: v for k, v in validate_edits(edits, cfg.n_layers).items() if k != EMBED_SITE}
 
     def body(i, x):
         take = lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731
-        lp, layer_edits = jax.tree.map(take, (params["layers"], edits))
-        return block(cfg, lp, x, ctx, consts.inv_freq[i], consts.is_local[i], Sites(layer_edits, ()))
+        lp, layer_edits, layer_prefix = jax.tree.map(take, (params["layers"], edits, prefix))
+        return block(cfg, lp, x, ctx, consts.inv_freq[i], consts.is_local[i], Sites(layer_edits, ()), layer_prefix)
 
     return jax.lax.fori_loop(start, cfg.n_layers, body, x)
 
@@ -252,6 +290,20 @@ def unembed(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
         logits = jnp.einsum("...d,vd->...v", x, params["embed"]["tokens"])
     else:
         logits = x @ params["unembed"]["w"]
+    return _final_softcap(cfg, logits)
+
+
+def unembed_columns(cfg: ModelConfig, params: Params, x: jax.Array, ids: jax.Array) -> jax.Array:
+    """The logits [B,N] of residual x [B,D] at token ids [B,N] only: `unembed(x)` at those ids, at N/V the cost."""
+    x = unembed_norm(cfg, params, x)
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("bd,bnd->bn", x, jnp.take(params["embed"]["tokens"], ids, axis=0))
+    else:
+        logits = jnp.einsum("bd,dbn->bn", x, jnp.take(params["unembed"]["w"], ids, axis=1))
+    return _final_softcap(cfg, logits)
+
+
+def _final_softcap(cfg: ModelConfig, logits: jax.Array) -> jax.Array:
     if cfg.final_softcap:
         logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return logits

@@ -19,17 +19,8 @@ from jaxedit.models.config import ModelConfig
 
 def _attend(cfg: ModelConfig, p: dict, x, cache_k, cache_v, t, inv_freq, is_local):
     """Attention of normalized x [B,1,D] at position t over cache [B,T,K,E] (updated with t's key/value)."""
-    q = jnp.einsum("btd,dhe->bthe", x, p["wq"])
-    k = jnp.einsum("btd,dke->btke", x, p["wk"])
-    v = jnp.einsum("btd,dke->btke", x, p["wv"])
-    if cfg.attn_bias:
-        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    if cfg.qk_norm:
-        q = core._norm(cfg, {"scale": p["q_norm"]}, q)
-        k = core._norm(cfg, {"scale": p["k_norm"]}, k)
-    if cfg.uses_rope:
-        positions = jnp.full(x.shape[:2], t, jnp.int32)
-        q, k = core._rope(q, positions, inv_freq), core._rope(k, positions, inv_freq)
+    positions = jnp.full(x.shape[:2], t, jnp.int32)
+    q, k, v = core._qkv(cfg, p, x, positions, inv_freq, core.Sites({}, ()))
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), t, axis=1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), t, axis=1)
     b, _, n_kv, e = k.shape
