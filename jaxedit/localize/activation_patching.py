@@ -196,31 +196,31 @@ def _sweep(params, target, source, attention_mask, metric_args, *, cfg, metric, 
         take = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # noqa: E731
         value, layer_params = take(values), jax.tree.map(take, params["layers"])
 
-        def patched_block(x, ctx, mask, value, prefix=None):
-            """Layer `layer` on the target's cached input x with the patch, then the unpatched layers after it."""
+        def patched_block(x, ctx, mask, value, rows, prefix=None):
+            """Layer `layer` on the target's cached input x with the patch, then the unpatched layers after it:
+            the final residual [B,Q,D] at rows [B,Q]."""
             x = core.block(cfg, layer_params, x, ctx, take(consts.inv_freq), take(consts.is_local),
                            core.Sites({site: SiteEdit(mask, value)}, ()), jax.tree.map(take, prefix))
-            return core.run_from(cfg, params, x, ctx, layer + 1, prefix=prefix)
+            return core.run_from(cfg, params, x, ctx, layer + 1, prefix=prefix, rows=rows)
 
         def patched_layers(i):
             """Site i (all positions, or one of T), recomputing layers layer..L-1 only: [B]."""
             unit_index, pos = jnp.divmod(i, t) if by_position else (i, None)
             at_rows = jnp.arange(t) == pos if by_position else jnp.ones((t,), bool)
-            x = patched_block(take(target_cache["resid_pre"]), ctx, _site_mask(unit_index, at_rows, value.ndim,
-                                                                                n_units), value)
-            return score(jnp.take_along_axis(x, last[..., None], axis=1)[:, 0])
+            mask = _site_mask(unit_index, at_rows, value.ndim, n_units)
+            return score(patched_block(take(target_cache["resid_pre"]), ctx, mask, value, last)[:, 0])
 
         def patched_pair(i):
             """Positions p and T-1-p of one unit in T+1 packed rows, layers layer..L-1 only: [2,B]."""
             unit_index, first = jnp.divmod(i, n_pairs)
             rows, in_second, packed = _pair_layout(ctx, first, t)
             at_rows = rows == jnp.where(in_second, t - 1 - first, first)
-            x = patched_block(take(target_cache["resid_pre"])[:, rows], packed,
-                              _site_mask(unit_index, at_rows, value.ndim, n_units), value[:, rows], cached_kv)
             starts = jnp.array([0, 1]) * (t - 1 - 2 * first) + first  # [2] first, T-1-first
             offsets = jnp.array([0, 1]) * (t - first)  # [2] where each suffix begins in the packed rows
             reached = last >= starts  # [B,2]: prompts ending before a patch keep the target's final residual
-            final = jnp.take_along_axis(x, jnp.clip(last - starts + offsets, 0, t)[..., None], axis=1)  # [B,2,D]
+            final = patched_block(take(target_cache["resid_pre"])[:, rows], packed,
+                                  _site_mask(unit_index, at_rows, value.ndim, n_units), value[:, rows],
+                                  jnp.clip(last - starts + offsets, 0, t), cached_kv)  # [B,2,D]
             final = jnp.where(reached[..., None], final, target_final)
             return jnp.stack([score(final[:, 0]), score(final[:, 1])])
 

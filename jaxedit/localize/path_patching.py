@@ -102,8 +102,7 @@ def _enrichment(params, clean, corrupt, mask, answer, others, cfg: ModelConfig, 
     ctx = core.make_context(cfg, mask)
 
     def sender(d):
-        x = core.run_from(cfg, params, x_orig + d, ctx, receiver)
-        x = jnp.take_along_axis(x, last[..., None], axis=1)[:, 0]
+        x = core.run_from(cfg, params, x_orig + d, ctx, receiver, rows=last)[:, 0]
         return metrics.on_residual(cfg, params, metrics.logit_diff, x, answer, others)
 
     patched = jax.lax.map(sender, delta, batch_size=min(chunk, receiver))  # [r,B]

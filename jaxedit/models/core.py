@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxedit.errors import JaxeditError
 from jaxedit.interventions import EMBED_SITE, SiteEdit, apply_edit, check_sites, validate_edits
 from jaxedit.models.config import ModelConfig
 
@@ -146,13 +147,18 @@ def keys_values(cfg: ModelConfig, lp: dict, x: jax.Array, positions: jax.Array, 
 
 
 def attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: Sites,
-              prefix: KeysValues | None = None) -> jax.Array:
+              prefix: KeysValues | None = None, rows: jax.Array | None = None) -> jax.Array:
     """Grouped-query attention of normalized input x [B,T,D]; returns z [B,T,H,E].
 
     prefix: keys and values of S earlier positions that x's rows also attend to; then x holds
-    positions S..S+T-1 and ctx's masks are [B,T,S+T] (`Context.rows`).
+    positions S..S+T-1 and ctx's masks are [B,T,S+T] (`Context.rows`). rows: [B,Q] the only
+    query rows wanted (keys and values still come from every row); z is then [B,Q,H,E].
     """
     q, k, v = _qkv(cfg, p, x, ctx.positions, inv_freq, site)
+    allowed = jnp.where(is_local, ctx.allowed_local, ctx.allowed_global)
+    if rows is not None:
+        q = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
+        allowed = jnp.take_along_axis(allowed, rows[:, :, None], axis=1)
     if prefix is not None:
         k = jnp.concatenate([prefix.k.astype(k.dtype), k], axis=1)
         v = jnp.concatenate([prefix.v.astype(v.dtype), v], axis=1)
@@ -163,9 +169,8 @@ def attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, i
     scores = jnp.einsum("btkge,bske->bkgts", q, k) * jnp.asarray(cfg.query_scale, q.dtype)
     if cfg.attn_softcap:
         scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-    allowed = jnp.where(is_local, ctx.allowed_local, ctx.allowed_global)[:, None, None]
     f32 = _wide(scores.dtype)
-    scores = jnp.where(allowed, scores.astype(f32), jnp.finfo(f32).min)
+    scores = jnp.where(allowed[:, None, None], scores.astype(f32), jnp.finfo(f32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     z = jnp.einsum("bkgts,bske->btkge", weights, v).reshape(b, t, cfg.n_heads, e)
     return site("attn_z", z)
@@ -188,14 +193,17 @@ def _mlp(cfg: ModelConfig, p: dict, x: jax.Array, site: Sites) -> jax.Array:
 
 
 def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: Sites,
-          prefix: KeysValues | None = None) -> jax.Array:
+          prefix: KeysValues | None = None, rows: jax.Array | None = None) -> jax.Array:
     """One decoder layer on residual x [B,T,D], with one layer's params `lp` (no L axis).
 
-    prefix: this layer's keys and values of earlier positions (see `attention`).
+    prefix: this layer's keys and values of earlier positions (see `attention`). rows: [B,Q] the
+    only rows whose output is wanted: the layer returns [B,Q,D] (sites after attention see Q rows).
     """
     x = site("resid_pre", x)
     h = site("attn_in", _norm(cfg, lp["attn_norm"], x))
-    z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site, prefix)
+    z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site, prefix, rows)
+    if rows is not None:
+        x = jnp.take_along_axis(x, rows[..., None], axis=1)
     attn_out = jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"])
     if cfg.attn_bias:
         attn_out = attn_out + lp["attn"]["bo"]
@@ -257,6 +265,7 @@ def run_from(
     start: int | jax.Array,
     edits: dict[str, SiteEdit] | None = None,
     prefix: KeysValues | None = None,
+    rows: jax.Array | None = None,
 ) -> jax.Array:
     """Final residual [B,T,D] from x = resid_pre of layer `start`, running only layers start..L-1.
 
@@ -266,16 +275,31 @@ def run_from(
     `start`-traced form (a while loop); use `run_layers` for gradients. edits: per-layer sites
     with a leading L axis, as in `forward` (validated there). prefix: keys and values [L,B,S,K,E]
     of S unchanged earlier positions; x then holds only the later rows (ctx from `Context.rows`).
+    rows: [B,Q] the only rows read afterwards (the last position): the last layer computes queries,
+    attention output and MLP for them alone and the result is [B,Q,D] (needs no edits).
     """
     consts = layer_constants(cfg)
     edits = {k: v for k, v in validate_edits(edits, cfg.n_layers).items() if k != EMBED_SITE}
+    if rows is not None and edits:
+        raise JaxeditError("run_from(rows=...) computes only some rows of the last layer: pass no edits with it")
 
     def body(i, x):
         take = lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731
         lp, layer_edits, layer_prefix = jax.tree.map(take, (params["layers"], edits, prefix))
         return block(cfg, lp, x, ctx, consts.inv_freq[i], consts.is_local[i], Sites(layer_edits, ()), layer_prefix)
 
-    return jax.lax.fori_loop(start, cfg.n_layers, body, x)
+    if rows is None:
+        return jax.lax.fori_loop(start, cfg.n_layers, body, x)
+    x = jax.lax.fori_loop(start, cfg.n_layers - 1, body, x)
+
+    def last_layer(x):
+        lp, last_prefix = jax.tree.map(lambda a: a[-1], (params["layers"], prefix))
+        return block(cfg, lp, x, ctx, consts.inv_freq[-1], consts.is_local[-1], Sites({}, ()), last_prefix, rows)
+
+    def already_final(x):
+        return jnp.take_along_axis(x, rows[..., None], axis=1)
+
+    return jax.lax.cond(start < cfg.n_layers, last_layer, already_final, x)
 
 
 def unembed_norm(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
