@@ -40,23 +40,35 @@ def forward_backward(cfg, b: int, t: int) -> float:
     return 3 * forward(cfg, b, t)
 
 
+def last_layer(cfg, b: int, rows: int, read: int, keys: int) -> float:
+    """The last layer when only `read` of its `rows` query rows are needed: q/k/v for every row, the rest for those."""
+    d, h, k, e = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    projections = 2 * rows * d * (h * e + 2 * k * e)
+    rest = 2 * read * (layer_params(cfg) - d * (h * e + 2 * k * e)) + 4 * read * keys * h * e
+    return b * (projections + rest)
+
+
 def sweep(cfg, b: int, t: int, site: str, prefix_reuse: bool, columns: int = 2) -> float:
     """A patching sweep: 2 unpatched forwards + the recomputed work of every site.
 
-    With reuse a site at layer l recomputes layers l..L-1 and unembeds the `columns` token ids its
-    metric reads. resid_pre by position packs positions p and T-1-p into one run of T+1 rows whose
+    With reuse a site at layer l recomputes layer l, layers l+1..L-2, and of the last layer only
+    what its read rows need (`last_layer`), and unembeds the `columns` token ids its metric reads.
+    resid_pre by position packs positions p and T-1-p into one run of T+1 rows (2 read) whose
     queries attend to T cached + T+1 packed keys, after re-projecting the target's keys and values.
     Without reuse every site is a full forward unembedding its last position.
     """
     L = cfg.n_layers
     if not prefix_reuse:
         return 2 * forward(cfg, b, t) + L * (t if site == "resid_pre" else cfg.n_heads) * forward(cfg, b, t)
-    suffixes = sum(L - l for l in range(L))
+    full_layers, partial_layers = L * (L - 1) // 2 + 1, L - 1
     if site == "resid_pre":
-        pairs = (t + 1) // 2
-        per_pair = layers(cfg, b, t + 1, suffixes, keys=2 * t + 1) + 2 * unembed(cfg, b, L, columns)
-        return 2 * forward(cfg, b, t) + keys_values(cfg, b, t) + pairs * per_pair
-    return 2 * forward(cfg, b, t) + cfg.n_heads * (layers(cfg, b, t, suffixes) + unembed(cfg, b, L, columns))
+        rows, keys, read, items = t + 1, 2 * t + 1, 2, (t + 1) // 2
+        extra = keys_values(cfg, b, t)
+    else:
+        rows, keys, read, items, extra = t, t, 1, cfg.n_heads, 0.0
+    per_item = (layers(cfg, b, rows, full_layers, keys) + partial_layers * last_layer(cfg, b, rows, read, keys)
+                + read * unembed(cfg, b, L, columns))
+    return 2 * forward(cfg, b, t) + extra + items * per_item
 
 
 def atp(cfg, b: int, t: int, unembed_positions: int = 1) -> float:
