@@ -3,10 +3,15 @@
 The reference is an uninterrupted single-process run of the same config; a run killed with SIGKILL
 and restarted, a run on 8 CPU devices with sharded parameters, and a run split over 2 processes
 through `jax.distributed` must give the same rows. Bad inputs give one line and write nothing.
+
+Time goes to XLA compiles, so the runs share a persistent compilation cache: the 2-process run goes
+first (see `two_processes`) and the reference loads most of its executables from there. The 8-device
+run starts after the reference and goes on beside the other tests (a second core).
 """
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,9 +57,15 @@ def _write(tmp_path, config: dict, name: str = "sweep.yaml") -> Path:
 _CACHE = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"jaxedit-test-cache-{os.getpid()}"
 
 
-def _env(**extra) -> dict:
-    """The environment of a sweep subprocess: this checkout, one CPU device unless told, a private cache."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAXEDIT_CACHE=str(_CACHE))
+def _env(cache: Path = _CACHE, xla_cache: Path = _CACHE / "xla", **extra) -> dict:
+    """The environment of a sweep subprocess: this checkout, one CPU device unless told, private caches.
+
+    cache: the jaxedit cache (general text a run sampled is read by later runs); xla_cache: a persistent
+    compilation cache of every program, however quick to compile, from which a run loads what an
+    earlier run (or unit) compiled.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAXEDIT_CACHE=str(cache),
+               JAX_COMPILATION_CACHE_DIR=str(xla_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.pop("XLA_FLAGS", None)
     env.update(extra)
     return env
@@ -63,6 +74,13 @@ def _env(**extra) -> dict:
 def _run(args, env=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jaxedit.sweep", *map(str, args)], cwd=ROOT, env=env or _env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _start(args, env: dict, log: Path) -> subprocess.Popen:
+    """`python -m jaxedit.sweep ARGS` in the background, its stdout and stderr into the file `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "jaxedit.sweep", *map(str, args)], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -81,9 +99,42 @@ def _assert_same_rows(a: list[dict], b: list[dict], rtol: float = 0.0) -> None:
                 assert x[key] == y[key], key
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_llama_dir):
-    """An uninterrupted run: (config dict, rows)."""
+def two_processes(tmp_path_factory, tiny_llama_dir):
+    """The config split over 2 processes through `jax.distributed`: (exit codes, logs, run dir).
+
+    It runs first, both processes with empty caches: process 1 cannot load single-process executables
+    (a CPU executable is keyed by its device), and a process 0 that did would reach the final barrier
+    more than its 30 s timeout before process 1. Process 0's executables then go to the shared cache.
+    """
+    tmp = tmp_path_factory.mktemp("processes")
+    path = _write(tmp, _config(tiny_llama_dir, tmp / "runs"))
+    address = f"localhost:{_free_port()}"
+    logs = [tmp / f"process{i}.txt" for i in range(2)]
+    procs = [_start([path], _env(tmp, tmp / "xla", JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                                 JAX_PROCESS_ID=str(i)), log) for i, log in enumerate(logs)]
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:  # running still only if a process hung
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if (tmp / "xla").is_dir():
+        shutil.copytree(tmp / "xla", _CACHE / "xla", dirs_exist_ok=True)
+    return codes, [log.read_text() for log in logs], tmp / "runs" / "small"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama_dir, two_processes):
+    """An uninterrupted run: (config dict, rows, run dir). It runs after the 2-process run (same config),
+    whose process 0 compiled most of its programs."""
     tmp = tmp_path_factory.mktemp("reference")
     config = _config(tiny_llama_dir, tmp / "runs")
     done = _run([_write(tmp, config)])
@@ -93,6 +144,23 @@ def reference(tmp_path_factory, tiny_llama_dir):
     return config, _rows(run_dir), run_dir
 
 
+@pytest.fixture(scope="module")
+def eight_devices(reference, tmp_path_factory):
+    """The reference's config on 8 CPU devices with sharded params, started in the background (awaited by
+    its test): (process, log, run dir). It reads the general text the reference sampled; its compilation
+    cache is its own (its sharded programs are in no other run's, and it runs beside runs using the shared one)."""
+    config, _, _ = reference
+    tmp = tmp_path_factory.mktemp("eight")
+    config = dict(config, output=str(tmp / "runs"), mesh={"data": 1, "fsdp": 2, "tensor": 4})
+    env = _env(xla_cache=tmp / "xla", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = _start([_write(tmp, config)], env, tmp / "log.txt")
+    yield proc, tmp / "log.txt", tmp / "runs" / "small"
+    if proc.poll() is None:  # its test did not wait for it
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.usefixtures("eight_devices")  # started here: it runs beside the tests below
 def test_sweep_writes_rows_report_and_manifest(reference):
     config, rows, run_dir = reference
     units = [u.id for u in expand(load_config(str(run_dir.parent.parent / "sweep.yaml")))]
@@ -128,47 +196,30 @@ def test_sigkill_mid_training_then_restart_gives_the_same_rows(reference, tmp_pa
     run_dir = tmp_path / "runs" / "small"
     proc = subprocess.Popen([sys.executable, "-m", "jaxedit.sweep", str(path)], cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if list((run_dir / "checkpoints").glob("*/partition0/step_*")):  # killed in flight, after a checkpoint
-            break
+    deadline, saved = time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None and not saved:
+        # a complete checkpoint: orbax writes step_<n>.orbax-checkpoint-tmp and renames it when done
+        saved = [c for c in (run_dir / "checkpoints").glob("*/partition0/step_*")
+                 if c.name.removeprefix("step_").isdigit()]
         time.sleep(0.02)
     assert proc.poll() is None, "the sweep ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert saved, "no complete checkpoint within 300 s"
     assert not (run_dir / "results.jsonl").exists()
+    unit = saved[0].parent.parent.name
+    assert not (run_dir / "units" / f"{unit}.json").exists()  # so the restart resumes its training from step_<n>
     done = _run([path])
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_rows(_rows(run_dir), rows)
 
 
-def test_eight_devices_with_sharded_params_match_one_device(reference, tmp_path):
-    config, rows, _ = reference
-    config = dict(config, output=str(tmp_path / "runs"), mesh={"data": 1, "fsdp": 2, "tensor": 4})
-    done = _run([_write(tmp_path, config)], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    manifest = json.loads((tmp_path / "runs" / "small" / "manifest.json").read_text())
-    assert manifest["devices"]["local_devices"] == 8
-    _assert_same_rows(_rows(tmp_path / "runs" / "small"), rows, rtol=2e-5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_through_jax_distributed_match_one(reference, tmp_path):
-    config, rows, _ = reference
-    path = _write(tmp_path, dict(config, output=str(tmp_path / "runs")))
-    address = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxedit.sweep", str(path)], cwd=ROOT, text=True,
-                              env=_env(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
-    assert "1 on this process" in outputs[0][1] and "1 on this process" in outputs[1][1]
-    _assert_same_rows(_rows(tmp_path / "runs" / "small"), rows)
+def test_two_processes_through_jax_distributed_match_one(reference, two_processes):
+    _, rows, _ = reference
+    codes, outputs, run_dir = two_processes
+    assert codes == [0, 0], [out[-2000:] for out in outputs]
+    assert "1 on this process" in outputs[0] and "1 on this process" in outputs[1]
+    _assert_same_rows(_rows(run_dir), rows)
 
 
 @pytest.mark.parametrize("case", ["yaml", "key", "model", "unknown_facts", "mesh", "localization", "override"])
@@ -226,3 +277,12 @@ def test_plan_gives_per_device_memory_of_gemma2_9b_on_eight_devices():
     params_line = next(line for line in text.splitlines() if line.startswith("params"))
     assert float(params_line.split()[-1]) == pytest.approx(per_device_gib, abs=0.01)
     assert "8 devices" in text and "FLU MLPs [2, 3, 4, 5, 6]" in text
+
+
+def test_eight_devices_with_sharded_params_match_one_device(reference, eight_devices):
+    _, rows, _ = reference
+    proc, log, run_dir = eight_devices
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["devices"]["local_devices"] == 8
+    _assert_same_rows(_rows(run_dir), rows, rtol=2e-5)
