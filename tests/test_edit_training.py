@@ -12,7 +12,7 @@ from jaxedit import Model
 from jaxedit.edit import losses
 from jaxedit.edit.lora import apply_lora, init_lora
 from jaxedit.edit.optim import (cosine_schedule, masked_adamw, merge, split_trainable, trainable_part)
-from jaxedit.edit.train import HParams, LossWeights, preset, train, train_step
+from jaxedit.edit.train import LossWeights, TrainSettings, preset, train, train_step
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import components as C
 from jaxedit.localize.components import mask_leaves
@@ -75,9 +75,9 @@ def test_split_keeps_only_leaves_that_can_change(model):
 def test_frozen_parameters_bit_identical_after_training(model, batch, dtype, terms):
     mask = _mixed_mask()
     before = jax.tree.map(np.asarray, model.params)
-    hp = HParams(lr=1e-2, forget_loss_coef=1.0, kl_coef=0.5 * ("lm" in terms), weight_decay=0.1, accumulate=1,
-                 dtype=dtype, progress=False)
-    after = train(model, mask, lambda i: {k: batch[k] for k in terms}, 4, hp)
+    hp = TrainSettings(lr=1e-2, forget_loss_coef=1.0, kl_coef=0.5 * ("lm" in terms), weight_decay=0.1, accumulate=1,
+                       dtype=dtype, steps=4)
+    after = train(model, mask, lambda i: {k: batch[k] for k in terms}, hp, progress=False)
     for path, m in mask_leaves(mask):
         old = np.asarray(jnp.asarray(before_leaf := _get(before, path)).astype(dtype))
         new = np.asarray(_get(after, path))
@@ -90,8 +90,8 @@ def test_frozen_parameters_bit_identical_after_training(model, batch, dtype, ter
 
 def test_lora_changes_only_adapters(model, batch):
     base = jax.tree.map(np.asarray, model.params)
-    hp = HParams(lr=1e-2, lora_rank=2, lora_alpha=4.0, accumulate=1, progress=False, seed=1)
-    merged = train(model, None, lambda i: batch, 3, hp)
+    hp = TrainSettings(lr=1e-2, lora_rank=2, lora_alpha=4.0, accumulate=1, steps=3)
+    merged = train(model, None, lambda i: batch, hp, seed=1, progress=False)
     for path, leaf in mask_leaves(model.params):
         assert np.array_equal(np.asarray(leaf), _get(base, path))  # base never written
     for path, leaf in mask_leaves(merged):
@@ -214,8 +214,9 @@ def test_accumulation_equals_one_step_on_the_joint_batch(model, batch):
 def test_injection_loss_goes_down(model, batch):
     mask = C.trainable_mask(C.mlp_layers(CFG, [0, 1]), CFG)
     seen = []
-    hp = HParams(lr=1e-2, maintain_coef=0.0, lm_coef=0.0, accumulate=1, progress=False)
-    train(model, mask, lambda i: {"forget": batch["forget"]}, 20, hp, on_step=lambda s, m: seen.append(m["forget"]))
+    hp = TrainSettings(lr=1e-2, maintain_coef=0.0, lm_coef=0.0, accumulate=1, steps=20)
+    train(model, mask, lambda i: {"forget": batch["forget"]}, hp, progress=False,
+          on_step=lambda s, m: seen.append(m["forget"]))
     assert len(seen) == 20 and seen[-1] < 0.5 * seen[0]
 
 
@@ -223,8 +224,8 @@ def test_unlearning_loss_lowers_true_probability(model, batch):
     mask = C.trainable_mask(C.mlp_layers(CFG, [0, 1]), CFG)
     forget = dict(batch["forget"])
     forget["target"] = jnp.argmax(losses.last_logits(model.params, CFG, forget["tokens"], forget["mask"]), -1)
-    hp = HParams(lr=3e-3, unlearn=True, maintain_coef=0.0, lm_coef=0.0, accumulate=1, progress=False)
-    after = train(model, mask, lambda i: {"forget": forget}, 10, hp)
+    hp = TrainSettings(lr=3e-3, unlearn=True, maintain_coef=0.0, lm_coef=0.0, accumulate=1, steps=10)
+    after = train(model, mask, lambda i: {"forget": forget}, hp, progress=False)
     p = lambda params: jax.nn.softmax(losses.last_logits(params, CFG, forget["tokens"], forget["mask"]))[  # noqa
         jnp.arange(B), forget["target"]]
     assert np.all(np.asarray(p(after)) < np.asarray(p(model.params)))
@@ -239,16 +240,20 @@ def test_presets_and_errors(model):
         preset("sports", "gemma-7b", "manual_interp")
     empty = C.trainable_mask(C.Components.make([], []), CFG)
     with pytest.raises(JaxeditError):
-        train(model, empty, lambda i: {}, 1, HParams(progress=False))
-    assert math.isclose(HParams().lr, 1e-5)
+        train(model, empty, lambda i: {}, TrainSettings(steps=1), progress=False)
+    with pytest.raises(JaxeditError, match="preset"):  # an unresolved preset is never silently ignored
+        train(model, _mixed_mask(), lambda i: {}, TrainSettings(steps=1, preset="sports_athletes"), progress=False)
+    resolved = TrainSettings(preset="sports_athletes", lr=0.5).for_localization("google/gemma-7b", "random")
+    assert (resolved.lr, resolved.forget_loss_coef, resolved.preset) == (1e-5, 0.1, None)
+    assert math.isclose(TrainSettings().lr, 1e-5)
 
 
 def test_training_resumes_from_its_orbax_checkpoint(model, batch, tmp_path):
     """A run stopped after step 3 (checkpoint at step 2) and restarted equals an uninterrupted run."""
     mask = _mixed_mask()
-    hparams = HParams(lr=1e-2, accumulate=1, progress=False)
+    hparams = TrainSettings(lr=1e-2, accumulate=1, steps=5, checkpoint_every=2)
     batches = lambda i: batch  # noqa: E731
-    whole = train(model, mask, batches, 5, hparams)
+    whole = train(model, mask, batches, hparams, progress=False)
 
     class Stop(Exception):
         pass
@@ -258,7 +263,7 @@ def test_training_resumes_from_its_orbax_checkpoint(model, batch, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train(model, mask, batches, 5, hparams, on_step=stop_at_3, checkpoint_dir=tmp_path, checkpoint_every=2)
+        train(model, mask, batches, hparams, progress=False, on_step=stop_at_3, checkpoint_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
-    resumed = train(model, mask, batches, 5, hparams, checkpoint_dir=tmp_path, checkpoint_every=2)
+    resumed = train(model, mask, batches, hparams, progress=False, checkpoint_dir=tmp_path)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, whole), jax.tree.map(np.asarray, resumed))

@@ -13,11 +13,14 @@ from jaxedit.attacks.relearn import RelearnSettings, all_linear_mask, split_forg
 from jaxedit.data import sports
 from jaxedit.data.sports import SportsFact
 from jaxedit.edit.lora import TARGETS
-from jaxedit.edit.train import HParams
+from jaxedit.data.text import GeneralTextSettings
+from jaxedit.edit.train import TrainSettings
 from jaxedit.eval import latent
 from jaxedit.eval.sports_eval import accuracies, evaluate_sports, format_metrics
 from jaxedit.attacks.soft_prompt import SoftPromptSettings
-from jaxedit.experiment import Settings, run_experiment
+from jaxedit.experiment import Settings, prepare, run_experiment
+from jaxedit.localize.pipeline import LocalizeSettings
+from jaxedit.tasks import DataSettings, EvalSettings
 from jaxedit.tasks.sports import COLUMNS, SportsTask
 
 
@@ -120,7 +123,8 @@ def test_relearning_trains_true_answers_and_only_adapters(smol, team, monkeypatc
     train_half, held_out = split_forget(forget)
     settings = RelearnSettings(lora_rank=2, lora_alpha=4.0, steps=2, eval_at=(0, 2), accumulate=1)
     out = relearn_mod.relearn(smol, params, task.relearn_sets(smol.tokenizer, train_half, maintain[:2]),
-                              lambda p: task.evaluate(smol, held_out, maintain[2:], p, ("fact",)), settings)
+                              lambda p: evaluate_sports(smol, held_out, maintain[2:], params=p, formats=("fact",)),
+                              settings)
     assert set(out) >= {"relearn/0/fact/forget", "relearn/2/fact/forget", "relearn/2/fact/maintain"}
     sport_id = {s: smol.tokenizer.encode(f" {s}", add_special_tokens=False)[0] for s in sports.SPORTS}
     allowed_true = {sport_id[f.sport] for f in train_half}
@@ -146,11 +150,15 @@ def test_full_finetuning_mask_is_all_linear_weights(smol):
 
 def test_run_experiment_end_to_end(smol, team):
     task = SportsTask(team[:9])  # 4 forget, 4 maintain train, 1 maintain test (the filter keeps all at threshold 0)
-    split = task.split(smol, 4, threshold=0.0)
-    settings = Settings(HParams(lr=1e-4, accumulate=1, progress=False), steps=2, probe_steps=10,
+    settings = Settings(data=DataSettings(n_forget=4, known_threshold=0.0), localize=LocalizeSettings(flu_layers=(2, 3)),
+                        train=TrainSettings(lr=1e-4, accumulate=1, steps=2), general_text=GeneralTextSettings(n=0),
+                        eval=EvalSettings(probe_steps=10),
                         relearn=RelearnSettings(lora_rank=2, steps=2, eval_at=(0, 2), accumulate=1),
                         soft_prompt=SoftPromptSettings(kind="prefix", n_vectors=2, steps=2, batch_size=2, restarts=2))
-    out = run_experiment(smol, task, split, "manual_interp", settings, scores={"flu_layers": (2, 3)})
+    split = task.split(smol, settings.data)
+    prepared = prepare(smol, task, split, settings, ("manual_interp",))
+    assert prepared.scores == [{"flu_layers": (2, 3)}]  # given FLU layers: no fact lookup, no AP/CT for this one
+    out = run_experiment(smol, task, prepared, "manual_interp", settings)
     keys = set(COLUMNS) | {"probe_gt_last", "probe_edit_last", "relearn_forget", "relearn_maintain", "n_params",
                            "selection_score", "time/localize", "time/edit", "time/eval_after", "time/probe",
                            "time/attacks", "time/total", "softprompt_forget", "softprompt_edit",

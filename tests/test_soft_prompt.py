@@ -173,8 +173,8 @@ def test_training_lowers_loss_keeps_model_frozen_and_norms_bounded(small, kind):
     first = next(iter(trained.values()))
     assert not np.allclose(first[0], first[1])  # independent restarts
     compiled = sp._train_step._cache_size()
-    other = dataclasses.replace(settings, lr=0.01, seed=3, steps=2)
-    sp.train_adversary(small, None, PROMPTS[::-1], LABELS[::-1], other)
+    other = dataclasses.replace(settings, lr=0.01, steps=2)
+    sp.train_adversary(small, None, PROMPTS[::-1], LABELS[::-1], other, seed=3)
     assert sp._train_step._cache_size() == compiled  # another seed, lr or step count: no retrace
 
 

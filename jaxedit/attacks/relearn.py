@@ -31,8 +31,9 @@ from jaxedit.localize import components
 
 @dataclasses.dataclass(frozen=True)
 class RelearnSettings:
-    """§5.8 hyper-parameters; lora_rank=None means full fine-tuning of all linear weights."""
+    """§5.8 hyper-parameters (the paper's defaults); lora_rank=None means full fine-tuning of all linear weights."""
 
+    enabled: bool = True  # False: the experiment runs no relearning attack
     lora_rank: int | None = 512
     lora_alpha: float = 32.0
     lr: float = 2e-4
@@ -40,8 +41,6 @@ class RelearnSettings:
     eval_at: tuple[int, ...] = (0, 10, 20)
     batch_size: int = 4
     accumulate: int = 8
-    seed: int = 0
-    progress: bool = False
 
 
 def all_linear_mask(cfg) -> dict:
@@ -58,18 +57,18 @@ def split_forget(forget: list) -> tuple[list, list]:
 
 
 def relearn(model, params, train_sets: dict, evaluate: Callable[[dict], dict],
-            settings: RelearnSettings = RelearnSettings()) -> dict[str, float]:
+            settings: RelearnSettings = RelearnSettings(), seed: int = 0, progress: bool = False) -> dict[str, float]:
     """Attack `params` (the edited model); returns {'relearn/{step}/{metric}': value} at `settings.eval_at`.
 
     train_sets: {key: (prompts, target ids)} with the TRUE answers (`PromptBatches` sets, e.g. the
     relearn half of the forget set and maintain facts); evaluate(params) -> {metric: value}, measured
-    on the held-out half and the maintain test facts.
+    on the held-out half and the maintain test facts. seed: batch order and LoRA init.
     """
     batches = PromptBatches(model.tokenizer, train_sets, settings.batch_size, settings.steps * settings.accumulate,
-                            settings.seed)
+                            seed)
     if settings.lora_rank:
         lora = LoraSpec(settings.lora_rank, settings.lora_alpha)
-        trainable, frozen = init_lora(params, lora.rank, jax.random.key(settings.seed)), params
+        trainable, frozen = init_lora(params, lora.rank, jax.random.key(seed)), params
         tmask = jax.tree.map(lambda a: np.ones((1,) * a.ndim, bool), trainable)
     else:
         lora, mask = None, all_linear_mask(model.cfg)
@@ -84,7 +83,7 @@ def relearn(model, params, train_sets: dict, evaluate: Callable[[dict], dict],
     def measure(step):
         out.update({f"relearn/{step}/{k}": v for k, v in evaluate(full_params(trainable, frozen, lora)).items()})
 
-    bar = tqdm(range(settings.steps), file=sys.stderr, disable=not settings.progress, desc="relearn")
+    bar = tqdm(range(settings.steps), file=sys.stderr, disable=not progress, desc="relearn")
     for step in bar:
         if step in settings.eval_at:
             measure(step)

@@ -53,8 +53,7 @@ class SoftPromptSettings:
     steps: int = 128
     batch_size: int = 16
     restarts: int = 4
-    seed: int = 0
-    progress: bool = False
+    enabled: bool = True  # False: the experiment runs no soft-prompt attack
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -66,7 +65,7 @@ class SoftPromptSettings:
             raise JaxeditError("soft-prompt eps, lr and grad_clip must be positive")
 
 
-def init_adversary(d_model: int, settings: SoftPromptSettings) -> dict:
+def init_adversary(d_model: int, settings: SoftPromptSettings, seed: int = 0) -> dict:
     """Untrained adversaries with a leading R axis, initialized as torch initializes the modules.
 
     attention: {'keys','values' [R,M,D] (torch `kaiming_uniform_`, a=0: U(±sqrt(6/D))),
@@ -79,7 +78,7 @@ def init_adversary(d_model: int, settings: SoftPromptSettings) -> dict:
     rows, linear, in_proj = (m, d, math.sqrt(6.0 / d)), (d, d, 1.0 / math.sqrt(d)), (d, d, math.sqrt(6.0 / (4 * d)))
     shapes = {"vectors": rows} if settings.kind == "prefix" else {
         "keys": rows, "values": rows, "w_query": linear, "w_q": in_proj, "w_k": in_proj, "w_v": in_proj, "w_o": linear}
-    rngs = [np.random.default_rng((settings.seed, r)) for r in range(settings.restarts)]
+    rngs = [np.random.default_rng((seed, r)) for r in range(settings.restarts)]
     stacked = {name: jnp.asarray(np.stack([rng.uniform(-bound, bound, (a, b)) for rng in rngs]), jnp.float32)
                for name, (a, b, bound) in shapes.items()}
     return project(stacked, settings.eps)
@@ -222,21 +221,21 @@ def _label_data(tokenizer, prompts: list[str], labels: list[str], n_slots: int) 
 
 
 def train_adversary(model, params, prompts: list[str], labels: list[str],
-                    settings: SoftPromptSettings = SoftPromptSettings()) -> dict:
+                    settings: SoftPromptSettings = SoftPromptSettings(), seed: int = 0, progress: bool = False) -> dict:
     """Train `settings.restarts` universal adversaries on (prompt, label) pairs; returns {name: [R,...]}.
 
     Objective: mean CE of the label tokens appended to each prompt, model params frozen (only read).
     Restart r draws its own init (numpy seed (seed, r)) and batch order (seed (seed, r, 1)).
     """
     params = model.params if params is None else params
-    adversary = init_adversary(model.cfg.d_model, settings)
+    adversary = init_adversary(model.cfg.d_model, settings, seed)
     data = _label_data(model.tokenizer, prompts, labels, _n_slots(adversary))
     n, need = len(prompts), settings.steps * settings.batch_size
-    orders = np.stack([np.concatenate([np.random.default_rng((settings.seed, r, 1)).permutation(n)
+    orders = np.stack([np.concatenate([np.random.default_rng((seed, r, 1)).permutation(n)
                                        for _ in range(-(-need // n))])[:need] for r in range(settings.restarts)])
     opt_state = jax.vmap(_optimizer(settings.lr, settings.grad_clip).init)(adversary)
     scalars = [jnp.float32(v) for v in (settings.lr, settings.grad_clip, settings.eps)]
-    for step in tqdm(range(settings.steps), file=sys.stderr, disable=not settings.progress,
+    for step in tqdm(range(settings.steps), file=sys.stderr, disable=not progress,
                      desc=f"soft-prompt {settings.kind}"):
         rows = orders[:, step * settings.batch_size:(step + 1) * settings.batch_size]  # [R,B]
         batch = {key: jnp.asarray(value[rows]) for key, value in data.items()}

@@ -7,6 +7,7 @@ samples are cached on disk (`registry.cache_dir()/text/`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +24,25 @@ from jaxedit.models import registry
 from jaxedit.models.decode import generate
 
 SAMPLER_VERSION = 1  # part of the cache key: bump when sampling changes what a seed gives
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneralTextSettings:
+    """The general text of the LM / KL terms and the side-effect metrics; n = 0: none."""
+
+    corpus: str | None = None  # .txt / .jsonl / directory; null: text sampled from the original model
+    n: int = 32  # windows
+    ctx: int = 48  # tokens per window
+    batch_size: int | None = None  # windows per micro-batch of the LM/KL term (null: the edit's batch size)
+
+
+def general_text(model, settings: GeneralTextSettings, seed: int = 0):
+    """(tokens [n,ctx], mask [n,ctx]) of `settings`' corpus or of the model's own samples; None when n = 0."""
+    if not settings.n:
+        return None
+    if settings.corpus:
+        return load_corpus(settings.corpus, model.tokenizer, settings.n, ctx=settings.ctx, seed=seed)
+    return sample_text(model, settings.n, ctx=settings.ctx, seed=seed)
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:

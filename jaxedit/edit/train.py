@@ -50,15 +50,23 @@ class LoraSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class HParams:
-    """Training hyper-parameters; defaults are the paper's fixed ones (§4.3–4.4) except lr/coef."""
+class TrainSettings:
+    """The edit's training (§4.2–4.4); defaults are the paper's (lr and coefficient vary per model, §4.4).
+
+    One optimizer step is `accumulate` micro-batches of `batch_size` forget + `batch_size` maintain
+    prompts (+ general text). `preset` names a §4.4 setting (e.g. 'sports_athletes') whose lr and
+    forget coefficient per model and localization replace `lr` and `forget_loss_coef`
+    (`for_localization`, which `train` requires first); a config may not set both.
+    """
 
     lr: float = 1e-5
     forget_loss_coef: float = 1.0
     maintain_coef: float = 1.0
     lm_coef: float = 1.0
     kl_coef: float = 0.0
-    unlearn: bool = False
+    unlearn: bool = False  # log(1 − p) of the true answer instead of injection CE
+    steps: int = 50
+    batch_size: int = 4
     accumulate: int = 16
     clip_norm: float | None = 1.0
     weight_decay: float = 0.0
@@ -67,11 +75,20 @@ class HParams:
     remat: bool = False
     lora_rank: int | None = None  # set: train LoRA adapters on all linear layers instead of the mask
     lora_alpha: float = 16.0
-    seed: int = 0
-    progress: bool = True
+    checkpoint_every: int = 5  # optimizer steps between orbax checkpoints of in-flight training (0: never)
+    preset: str | None = None
+    preset_model: str | None = None  # the paper model whose preset applies (default: from the model name)
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(self.forget_loss_coef, self.maintain_coef, self.lm_coef, self.kl_coef, self.unlearn)
+
+    def for_localization(self, model: str, localization: str) -> TrainSettings:
+        """These settings with the preset's lr and coefficient for (model, localization) applied, if any."""
+        if not self.preset:
+            return self
+        chosen = preset(self.preset, self.preset_model or paper_model(model), localization)
+        return dataclasses.replace(self, lr=chosen["lr"], forget_loss_coef=chosen["forget_loss_coef"], preset=None,
+                                   preset_model=None)
 
 
 def full_params(trainable, frozen, lora: LoraSpec | None = None) -> dict:
@@ -131,23 +148,27 @@ def _cast(params, dtype: str):
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
-def train(model, mask, batches_fn: Callable[[int], dict], steps: int, hparams: HParams,
-          on_step: Callable[[int, dict], None] | None = None, init_params: dict | None = None,
-          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 5) -> dict:
-    """Train for `steps` optimizer steps (× hparams.accumulate micro-batches `batches_fn(i)`); return params.
+def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSettings, *, seed: int = 0,
+          progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
+          init_params: dict | None = None, checkpoint_dir: str | Path | None = None) -> dict:
+    """Train for `settings.steps` optimizer steps (× `accumulate` micro-batches `batches_fn(i)`); return params.
 
     mask: a params-shaped broadcasting bool tree (`Localization.mask`); ignored with LoRA, where the
     returned params are the merged base + adapters. init_params: where training starts (default the
     model's). A fresh optimizer and cosine schedule per call (sequential editing, §4.5, calls this
     once per partition). on_step(step, metrics) after each optimizer step (host sync only then).
-    checkpoint_dir: the trainable values and optimizer state are saved there with orbax every
-    `checkpoint_every` optimizer steps, and a call that finds a checkpoint resumes from it (the
+    seed: the LoRA adapters' init. checkpoint_dir: the trainable values and optimizer state are saved
+    there with orbax every `settings.checkpoint_every` optimizer steps, and a call that finds a checkpoint resumes from it (the
     batches are a pure function of the micro-step, so the resumed run equals an uninterrupted one).
     """
-    params = _cast(model.params if init_params is None else init_params, hparams.dtype)
-    if hparams.lora_rank:
-        lora = LoraSpec(hparams.lora_rank, hparams.lora_alpha)
-        trainable, frozen = init_lora(params, lora.rank, jax.random.key(hparams.seed), dtype=hparams.dtype), params
+    if settings.preset:
+        raise JaxeditError(f"train.preset {settings.preset!r} is not resolved: train with "
+                           "settings.for_localization(model name, localization)")
+    steps = settings.steps
+    params = _cast(model.params if init_params is None else init_params, settings.dtype)
+    if settings.lora_rank:
+        lora = LoraSpec(settings.lora_rank, settings.lora_alpha)
+        trainable, frozen = init_lora(params, lora.rank, jax.random.key(seed), dtype=settings.dtype), params
         tmask = jax.tree.map(lambda a: np.ones((1,) * a.ndim, bool), trainable)
     else:
         lora = None
@@ -156,29 +177,29 @@ def train(model, mask, batches_fn: Callable[[int], dict], steps: int, hparams: H
         tmask = trainable_part(mask)
     if not jax.tree.leaves(trainable):
         raise JaxeditError("the mask selects no parameter: pick a localization with at least one component")
-    optimizer = masked_adamw(tmask, cosine_schedule(hparams.lr, steps, hparams.warmup), hparams.weight_decay,
-                             hparams.clip_norm, hparams.accumulate)
+    optimizer = masked_adamw(tmask, cosine_schedule(settings.lr, settings.steps, settings.warmup), settings.weight_decay,
+                             settings.clip_norm, settings.accumulate)
     opt_state = optimizer.init(trainable)
-    reference = jax.tree.map(jnp.copy, trainable) if hparams.kl_coef else None
-    weights = hparams.loss_weights()
+    reference = jax.tree.map(jnp.copy, trainable) if settings.kl_coef else None
+    weights = settings.loss_weights()
     start = 0
     if checkpoint_dir is not None:
         start, trainable, opt_state = checkpoints.restore_latest(checkpoint_dir, trainable, opt_state)
-    bar = tqdm(range(start * hparams.accumulate, steps * hparams.accumulate), file=sys.stderr,
-               disable=not hparams.progress, desc="train", initial=start * hparams.accumulate,
-               total=steps * hparams.accumulate)
+    bar = tqdm(range(start * settings.accumulate, steps * settings.accumulate), file=sys.stderr,
+               disable=not progress, desc="train", initial=start * settings.accumulate,
+               total=steps * settings.accumulate)
     for i in bar:
         trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batches_fn(i), model.cfg, weights,
-                                                   optimizer, tmask, reference, lora, hparams.remat)
-        if (i + 1) % hparams.accumulate:
+                                                   optimizer, tmask, reference, lora, settings.remat)
+        if (i + 1) % settings.accumulate:
             continue
-        step = (i + 1) // hparams.accumulate
-        if on_step or hparams.progress:
+        step = (i + 1) // settings.accumulate
+        if on_step or progress:
             metrics = jax.device_get(metrics)
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
             if on_step:
                 on_step(step - 1, metrics)
-        if checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+        if checkpoint_dir is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < steps:
             checkpoints.save(checkpoint_dir, step, trainable, opt_state)
     return full_params(trainable, frozen, lora)
 

@@ -1,26 +1,24 @@
-"""Every localization of the paper on one model and one sports-fact set, written to a directory.
+"""The localization pipeline of the paper (§3) on any task's facts: scores, then the nine localizations.
 
-`localize_sports(model, out_dir)` keeps the facts the model knows, then runs fact lookup (probes,
-extraction heads, enrichment MLPs, layer selection), attribution patching, causal tracing and an
-activation-patching sweep of MLP outputs (to check AtP's MLP ranking), turns the scores into the
-nine param-matched localizations of §3.5–3.6, and writes labelled score arrays (NPZ + JSON),
-heatmaps (PNG), `summary.json` and `summary.md`.
+`localize(model, inputs, names, settings)` runs what the localizations `names` need on one fact
+set: fact lookup (§3.2: path patching picks the enrichment MLP layers, which also set the
+parameter budget; probes when labels are given), attribution patching (§3.3) and causal tracing
+(§3.4) on subject-resampled pairs. `Localized.scores()` is what `components.paper_localizations`
+turns into param-matched masks. The sweep (`jaxedit.experiment.prepare`) and
+`python -m jaxedit.localize` (which also writes every score array, heatmaps, masks and a summary:
+`write_artifacts`) both run it. A task gives the inputs (`Task.localization_inputs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxedit.data import sports
-from jaxedit.data.batching import first_tokens
 from jaxedit.errors import JaxeditError
-from jaxedit.eval.candidates import candidate_probs, known
 from jaxedit.localize import activation_patching, attribution, causal_tracing, components, fact_lookup, metrics
 from jaxedit.localize.artifacts import ScoreArray, data_hash, save_heatmap
 from jaxedit.localize.corruptions import resample_subjects
@@ -28,19 +26,96 @@ from jaxedit.localize.corruptions import resample_subjects
 
 @dataclasses.dataclass(frozen=True)
 class LocalizeSettings:
-    """What to run: facts patched/traced (`n_facts`), probe facts (`n_probe`), seeds, CT noise samples."""
+    """How the localizations are computed (§3); `flu_layers` set skips fact lookup."""
 
-    n_facts: int = 24
-    n_probe: int = 300
-    seed: int = 0
-    threshold: float = 0.02
-    ct_samples: int = 3
-    ct_noise: str = "rome"
-    rule: str = "fill"
+    flu_layers: tuple[int, ...] | None = None  # null: fact lookup on the forget facts picks them
+    threshold: float = 0.02  # fact lookup: enrichment-score threshold of a selected MLP layer (§3.2)
+    ct_samples: int = 3  # causal-tracing noise samples
+    ct_noise: str = "rome"  # causal-tracing noise scale (`causal_tracing.trace_components`)
+    rule: str = "fill"  # budget rule: 'fill' (ours) or 'threshold' (the paper's, §10.9)
 
 
-def _say(message: str, start: float) -> None:
-    print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
+@dataclasses.dataclass(frozen=True)
+class LocalizationInputs:
+    """What localization reads of N facts (a task builds it).
+
+    prompts, subjects: one per fact; answer: the true answer's token id [N]; others: competing
+    answers' ids [N,C] (logit-difference metric); labels: class per fact [N] for fact lookup's
+    probes, or None (no probes).
+    """
+
+    prompts: list[str]
+    subjects: list[str]
+    answer: np.ndarray
+    others: np.ndarray
+    labels: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Localized:
+    """The results of `localize`: FLU layers and whichever of fact lookup / AtP / CT ran."""
+
+    flu_layers: tuple[int, ...]
+    flu: fact_lookup.FactLookup | None = None
+    atp: attribution.AttributionScores | None = None
+    ct: causal_tracing.TracingScores | None = None
+
+    def scores(self) -> dict:
+        """{'flu_layers', 'ap_scores'?, 'ct_scores'?}: per-site numpy score arrays."""
+        out = {"flu_layers": self.flu_layers}
+        if self.atp is not None:
+            out["ap_scores"] = jax.tree.map(np.asarray, self.atp.scores)
+        if self.ct is not None:
+            out["ct_scores"] = jax.tree.map(np.asarray, self.ct.nie)
+        return out
+
+
+def needs(names) -> set[str]:
+    """Score methods ('ap', 'ct') that the localizations `names` are built from."""
+    return {"ap" if n.startswith("localized_ap") else "ct" for n in names if n.startswith("localized_")}
+
+
+def localize(model, inputs: LocalizationInputs, names=components.PAPER_LOCALIZATIONS,
+             settings: LocalizeSettings = LocalizeSettings(), seed: int = 0,
+             probe_inputs: LocalizationInputs | None = None) -> Localized:
+    """What `names` need, computed on `inputs` (the facts to edit).
+
+    probe_inputs: more facts on which, with `inputs`, fact lookup's probes are trained (both need
+    labels; None: no probes, which describe the model but do not choose layers). seed: the subject resampling of the corrupted prompts and the causal-tracing noise.
+    """
+    flu, layers = None, settings.flu_layers
+    if layers is None:
+        rows = inputs if probe_inputs is None else _concat(inputs, probe_inputs)
+        flu = fact_lookup.fact_lookup(model, rows.prompts, rows.subjects, rows.answer, rows.others,
+                                      labels=None if probe_inputs is None else rows.labels, patch_rows=np.arange(len(inputs.prompts)), seed=seed,
+                                      threshold=settings.threshold)
+        if not flu.layers:
+            raise JaxeditError("fact lookup selected no MLP layer: set localize.flu_layers (e.g. [2, 3, 6])")
+        layers = flu.layers
+    need = needs(names)
+    atp = ct = None
+    if need:
+        pairs = corrupted_pairs(model, inputs, seed)
+    if "ap" in need:
+        atp = attribution.attribution_patching(model.params, model.cfg, pairs.clean, pairs.corrupt, pairs.mask,
+                                               (inputs.answer, inputs.others))
+    if "ct" in need:
+        ct = causal_tracing.trace_components(model.params, model.cfg, pairs.clean, pairs.mask, pairs.subject,
+                                             inputs.answer, jax.random.key(seed), noise=settings.ct_noise,
+                                             samples=settings.ct_samples)
+    return Localized(tuple(int(layer) for layer in layers), flu, atp, ct)
+
+
+def corrupted_pairs(model, inputs: LocalizationInputs, seed: int):
+    """Clean / subject-resampled prompts, left-padded (`corruptions.resample_subjects`)."""
+    return resample_subjects(model.tokenizer, inputs.prompts, inputs.subjects, seed=seed, padding_side="left")
+
+
+def _concat(a: LocalizationInputs, b: LocalizationInputs) -> LocalizationInputs:
+    if a.labels is None or b.labels is None:
+        raise JaxeditError("probe facts need class labels: this task's facts have none")
+    return LocalizationInputs(a.prompts + b.prompts, a.subjects + b.subjects, np.concatenate([a.answer, b.answer]),
+                              np.concatenate([a.others, b.others]), np.concatenate([a.labels, b.labels]))
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,85 +124,39 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _label_tokens(model, facts):
-    """(answer ids [N], other team sports' ids [N,2], class labels [N]) for team-sport facts."""
-    ids = first_tokens(model.tokenizer, list(sports.answers("fact")[:3]))
-    labels = np.array([sports.TEAM_SPORTS.index(f.sport) for f in facts])
-    others = np.array([[ids[j] for j in range(3) if j != label] for label in labels])
-    return ids[labels], others, labels
+def mlp_patching_check(model, inputs: LocalizationInputs, localized: Localized, seed: int) -> tuple[np.ndarray, float]:
+    """(activation-patching effect of each MLP output [L] (noising), its Spearman ρ with AtP's mlp_out)."""
+    pairs = corrupted_pairs(model, inputs, seed)
+    patched = activation_patching.patching_sweep(model.params, model.cfg, pairs, metric=metrics.logit_diff,
+                                                 metric_args=(inputs.answer, inputs.others), site="mlp_out",
+                                                 direction="noise")
+    effect = np.asarray(patched.scores - patched.clean.mean())
+    return effect, spearman(np.asarray(localized.atp.scores["mlp_out"]), effect)
 
 
-def localize_sports(model, out_dir: str | Path, settings: LocalizeSettings = LocalizeSettings(), model_name: str = "",
-                    facts=None) -> dict:
-    """Run every localization; write artifacts under out_dir; return the summary dict."""
-    start = time.perf_counter()
+def write_artifacts(out_dir: str | Path, localized: Localized, locs: dict, inputs: LocalizationInputs,
+                    summary: dict, mlp_effect: np.ndarray, model_name: str = "") -> None:
+    """Labelled score arrays (NPZ + JSON), heatmaps (PNG), masks and `summary.json` / `summary.md` in out_dir."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg, params, tok = model.cfg, model.params, model.tokenizer
-    facts = sports.team_facts(sports.load_sports() if facts is None else facts)
-    prompts = [sports.prompt(f.athlete) for f in facts]
-    probs = candidate_probs(model, prompts, list(sports.answers("fact")))
-    labels_all = np.array([sports.SPORTS.index(f.sport) for f in facts])
-    is_known = known(probs, labels_all)
-    chosen = [f for f, k in zip(facts, is_known) if k][: settings.n_facts]
-    if len(chosen) < 2:
-        raise JaxeditError(f"the model knows {len(chosen)} of {len(facts)} facts (p ≥ 0.5 over the candidates): "
-                           "localization needs at least 2; use a stronger model or another fact set")
-    _say(f"{int(is_known.sum())}/{len(facts)} facts known (p ≥ 0.5 over the 4 sports); patching {len(chosen)}", start)
-
-    probe_facts = facts[: settings.n_probe]
-    ordered = chosen + [f for f in probe_facts if f not in chosen]
-    answer, others, labels = _label_tokens(model, ordered)
-    subjects = [f.athlete for f in ordered]
-    prompts = [sports.prompt(f.athlete) for f in ordered]
-    tag = data_hash(subjects)
-    flu = fact_lookup.fact_lookup(model, prompts, subjects, answer, others, labels=labels,
-                                  probe_rows=np.arange(len(ordered)), patch_rows=np.arange(len(chosen)),
-                                  seed=settings.seed, threshold=settings.threshold)
-    _say(f"fact lookup: receiver layer {flu.receiver}, selected MLP layers {list(flu.layers)}", start)
-
-    n = len(chosen)
-    pairs = resample_subjects(tok, prompts[:n], subjects[:n], seed=settings.seed, padding_side="left")
-    targets = (answer[:n], others[:n])
-    atp = attribution.attribution_patching(params, cfg, pairs.clean, pairs.corrupt, pairs.mask, targets)
-    _say(f"attribution patching: clean LD {atp.metric_clean:.2f}, corrupt LD {atp.metric_corrupt:.2f}", start)
-
-    ct = causal_tracing.trace_components(params, cfg, pairs.clean, pairs.mask, pairs.subject, answer[:n],
-                                         jax.random.key(settings.seed), noise=settings.ct_noise,
-                                         samples=settings.ct_samples)
-    _say(f"causal tracing: p_clean {ct.p_clean.mean():.3f}, p_noised {ct.p_corrupt.mean():.3f}", start)
-
-    patched = activation_patching.patching_sweep(params, cfg, pairs, metric=metrics.logit_diff, metric_args=targets,
-                                                 site="mlp_out", direction="noise")
-    mlp_effect = patched.scores - patched.clean.mean()
-    rho = spearman(atp.scores["mlp_out"], mlp_effect)
-    _say(f"activation patching of MLP outputs (noising): Spearman ρ with AtP mlp_out = {rho:.3f}", start)
-
-    locs = components.paper_localizations(cfg, flu.layers, ap_scores=atp.scores, ct_scores=ct.nie,
-                                          seed=settings.seed, rule=settings.rule)
-    _say("localizations: " + ", ".join(f"{k} {v.n_params / 1e6:.1f}M" for k, v in locs.items()), start)
-
-    arrays = fact_lookup.score_arrays(flu, model=model_name, data_hash=tag)
+    tag = data_hash(inputs.subjects)
+    arrays = fact_lookup.score_arrays(localized.flu, model=model_name, data_hash=tag) if localized.flu else {}
     label = dict(model=model_name, data_hash=tag)
-    for site, values in atp.scores.items():
-        arrays[f"atp_{site}"] = ScoreArray(values, atp.axes[site], f"attribution/{atp.method}", **label)
-    for site, values in ct.nie.items():
-        arrays[f"ct_{site}"] = ScoreArray(values, ct.axes[site], "causal_tracing/nie", **label)
+    for site, values in localized.atp.scores.items():
+        arrays[f"atp_{site}"] = ScoreArray(values, localized.atp.axes[site], f"attribution/{localized.atp.method}",
+                                           **label)
+    for site, values in localized.ct.nie.items():
+        arrays[f"ct_{site}"] = ScoreArray(values, localized.ct.axes[site], "causal_tracing/nie", **label)
     arrays["patching_mlp_out"] = ScoreArray(mlp_effect, ("layer",), "activation_patching/noise", **label)
     for name, array in arrays.items():
         array.save(out_dir / "scores" / name)
         if array.values.ndim in (1, 2):
             save_heatmap(array, out_dir / "plots" / f"{name}.png", title=name)
-    (out_dir / "masks").mkdir(exist_ok=True)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     for name, loc in locs.items():  # broadcasting bool leaves, keyed by their params path
         leaves = {"/".join(path): np.asarray(leaf) for path, leaf in components.mask_leaves(loc.mask)}
         np.savez_compressed(out_dir / "masks" / f"{name}.npz", **leaves)
-    summary = _summary(model_name, settings, facts, is_known, chosen, flu, atp, ct, rho, locs,
-                       time.perf_counter() - start)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "summary.md").write_text(_markdown(summary))
-    _say(f"wrote {out_dir}/summary.md", start)
-    return summary
 
 
 def _top(values: np.ndarray, k: int, names) -> list[dict]:
@@ -136,16 +165,16 @@ def _top(values: np.ndarray, k: int, names) -> list[dict]:
             for i in flat]
 
 
-def _summary(model_name, settings, facts, is_known, chosen, flu, atp, ct, rho, locs, seconds) -> dict:
+def summary(localized: Localized, locs: dict, rho: float, facts: dict) -> dict:
+    """The summary dict of a localization run; `facts`: counts and names of the facts it ran on."""
+    flu, atp, ct = localized.flu, localized.atp, localized.ct
     head = lambda idx: f"L{idx[0]}.H{idx[1]}"  # noqa: E731
     probe = lambda r: None if r is None else [round(float(a), 3) for a in r.test_accuracy]  # noqa: E731
-    return {
-        "model": model_name, "settings": dataclasses.asdict(settings), "seconds": round(seconds, 1),
-        "facts": len(facts), "known": int(is_known.sum()), "patched": [f.athlete for f in chosen],
+    return facts | {
         "probe_accuracy_prompt": probe(flu.probe_prompt), "probe_accuracy_name": probe(flu.probe_name),
         "extraction_heads_top": _top(flu.extraction.scores, 8, head), "receiver_layer": flu.receiver,
         "enrichment_mlps": [round(float(s), 4) for s in flu.enrichment.scores],
-        "fact_lookup_layers": list(flu.layers),
+        "fact_lookup_layers": list(localized.flu_layers),
         "atp_mlp_out": [round(float(s), 4) for s in atp.scores["mlp_out"]],
         "atp_heads_top": _top(atp.scores["attn_z"], 8, head),
         "ct_mlp_out": [round(float(s), 4) for s in ct.nie["mlp_out"]],
@@ -161,12 +190,13 @@ def _listed(top: list[dict]) -> str:
 
 
 def _markdown(s: dict) -> str:
-    lines = [f"# Localization of {s['model']} on sports facts", "",
-             f"{s['known']} of {s['facts']} team-sport facts known; {len(s['patched'])} patched/traced; "
+    accuracy = s["probe_accuracy_prompt"] or []
+    lines = [f"# Localization of {s['model']} on {s['task']} facts", "",
+             f"{s['known']} of {s['facts']} facts known; {len(s['patched'])} patched/traced; "
              f"{s['seconds']} s.", "", "## Probe test accuracy per layer (subject's last token)", "",
-             "| layer | " + " | ".join(str(i) for i in range(len(s["probe_accuracy_prompt"] or []))) + " |",
-             "|---|" + "---|" * len(s["probe_accuracy_prompt"] or []),
-             "| prompt | " + " | ".join(str(a) for a in s["probe_accuracy_prompt"] or []) + " |",
+             "| layer | " + " | ".join(str(i) for i in range(len(accuracy))) + " |",
+             "|---|" + "---|" * len(accuracy),
+             "| prompt | " + " | ".join(str(a) for a in accuracy) + " |",
              "| name only | " + " | ".join(str(a) for a in s["probe_accuracy_name"] or []) + " |", "",
              f"Extraction heads (top): {_listed(s['extraction_heads_top'])}; "
              f"receiver layer {s['receiver_layer']}.", "",

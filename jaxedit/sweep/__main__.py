@@ -7,26 +7,37 @@ import dataclasses
 import sys
 import typing
 
+import yaml
+
 from jaxedit.errors import JaxeditError
 from jaxedit.sweep.config import SweepConfig, load_config, named_configs
 
 
-def _keys(cls, prefix: str = "") -> list[str]:
-    out = []
+def keys(cls=SweepConfig, prefix: str = "") -> dict[str, object]:
+    """Every config key (dotted) with its default, from the settings dataclasses themselves."""
+    out = {}
+    hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[field.name]
-        if dataclasses.is_dataclass(hint):
-            out += _keys(hint, f"{prefix}{field.name}.")
+        if dataclasses.is_dataclass(hints[field.name]):
+            out |= keys(hints[field.name], f"{prefix}{field.name}.")
         else:
-            out.append(f"{prefix}{field.name}")
+            out[prefix + field.name] = field.default
     return out
 
 
 def _epilog() -> str:
     configs = ", ".join(named_configs())
-    keys = "\n  ".join(_keys(SweepConfig))
-    return (f"configs (in configs/): {configs}\n\nkeys (override any with key=value, e.g. train.steps=20 "
-            f"seeds=[0,1,2]):\n  {keys}\n\nA sweep writes <output>/<name>/ and resumes there when run again.")
+    width = max(map(len, keys()))
+    listed = "\n  ".join(f"{key:<{width}}  {_yaml(default)}" for key, default in keys().items())
+    return (f"configs (in configs/): {configs}\n\nkeys and their defaults (override any with key=value, e.g. "
+            f"train.steps=20 seeds=[0,1,2]):\n  {listed}\n\nA sweep writes <output>/<name>/ and resumes there when "
+            "run again.")
+
+
+def _yaml(value) -> str:
+    """A default as it would be written in YAML (null, true, [0, 1])."""
+    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).strip() \
+        .removesuffix("...").strip()
 
 
 def main(argv=None) -> int:

@@ -1,14 +1,17 @@
-"""Sweep configuration: YAML → nested frozen dataclasses, dotted `key=value` overrides, validation.
+"""Sweep configuration: YAML → `SweepConfig`, dotted `key=value` overrides, validation.
 
-A config names a task, models, localizations, training / evaluation / attack settings, a grid
-(dotted key → list of values), seeds, a device mesh and an output root. Every section is a frozen
-dataclass; an unknown key is an error that suggests the nearest valid one.
+A config names a task, models, localizations, seeds, a grid (dotted key → list of values), a
+device mesh and an output root; its other sections are the experiment's own settings classes
+(`experiment.Settings`: data, localize, train, general_text, eval, relearn, soft_prompt), so each
+knob is declared, with its default, once. An unknown key is an error that suggests the nearest
+valid one; every grid point is validated like the base config before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import types
 import typing
 from pathlib import Path
@@ -16,113 +19,26 @@ from pathlib import Path
 import yaml
 
 from jaxedit.errors import JaxeditError
-from jaxedit.localize.components import PAPER_LOCALIZATIONS
+from jaxedit.experiment import Settings
+from jaxedit.localize.components import PAPER_LOCALIZATIONS, RULES
+from jaxedit.sharding.mesh import MeshSpec
+from jaxedit.tasks import TASKS
 
-TASKS = ("sports_athletes", "sport_to_golf", "counterfact", "counterfact_sequential")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+PRESET_KEYS = ("train.lr", "train.forget_loss_coef")  # what a train.preset sets per model and localization
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    path: str | None = None  # null: the built-in set of the task
-    mcq_path: str | None = None  # CounterFact MCQ parquet (prompt_id join); null: the options in the data
-    n_forget: int = 16
-    split: str | None = None  # sports whole-sport split (e.g. basketball_split) or CounterFact split name
-    known_threshold: float = 0.5
-    max_maintain: int | None = 64  # cap on maintain facts kept (train 80% / test 20%); null: all
-    pool_size: int = 8  # CounterFact few-shot pool (the last known rows; paper: 64)
+class SweepConfig(Settings):
+    """A sweep: the experiment's settings (inherited sections) plus what the sweep loops over."""
 
-
-@dataclasses.dataclass(frozen=True)
-class LocalizeConfig:
-    flu_layers: tuple[int, ...] | None = None  # null: fact lookup on the forget facts picks them
-    ct_samples: int = 3
-    rule: str = "fill"  # 'fill' (ours) or 'threshold' (the paper's, §10.9)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    preset: str | None = None  # a §4.4 setting (e.g. sports_athletes): the paper's lr / coefficient per model
-    preset_model: str | None = None  # the paper model whose preset applies (default: from the model name)
-    lr: float = 1e-4
-    forget_loss_coef: float = 1.0
-    maintain_coef: float = 1.0
-    lm_coef: float = 1.0
-    kl_coef: float = 0.0
-    unlearn: bool = False
-    steps: int = 10
-    batch_size: int = 8
-    accumulate: int = 1
-    clip_norm: float | None = 1.0
-    dtype: str = "float32"
-    remat: bool = False
-    checkpoint_every: int = 5  # orbax checkpoint of in-flight training every this many steps (0: never)
-
-
-@dataclasses.dataclass(frozen=True)
-class GeneralTextConfig:
-    corpus: str | None = None  # .txt / .jsonl / directory; null: text sampled from the original model
-    n: int = 32
-    ctx: int = 48
-    batch_size: int | None = None  # sequences per micro-batch of the LM/KL term (null: train.batch_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    probe_steps: int = 100
-    probes: bool = True
-    mmlu_dir: str | None = None
-    mmlu_limit: int | None = 20  # questions per subject
-    n_shots: int = 8  # CounterFact MCQ
-
-
-@dataclasses.dataclass(frozen=True)
-class RelearnConfig:
-    enabled: bool = True
-    lora_rank: int | None = 64  # null: full fine-tuning of every linear weight
-    lora_alpha: float = 32.0
-    lr: float = 2e-4
-    steps: int = 10
-    eval_at: tuple[int, ...] = (0, 5, 10)
-    batch_size: int = 4
-    accumulate: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class SoftPromptConfig:
-    enabled: bool = True
-    kind: str = "attention"  # 'attention' (the paper's adversary) or 'prefix'
-    n_vectors: int = 15
-    eps: float = 6.0
-    lr: float = 1e-5
-    steps: int = 16
-    batch_size: int = 8
-    restarts: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    data: int = 1
-    fsdp: int = 1
-    tensor: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepConfig:
     name: str = "sweep"
     task: str = "sports_athletes"
     models: tuple[str, ...] = ("gemma-3-270m",)
     localizations: tuple[str, ...] = PAPER_LOCALIZATIONS
     seeds: tuple[int, ...] = (0,)
-    grid: dict | None = None  # {'train.lr': [1e-4, 3e-4], ...}
-    data: DataConfig = DataConfig()
-    localize: LocalizeConfig = LocalizeConfig()
-    train: TrainConfig = TrainConfig()
-    general_text: GeneralTextConfig = GeneralTextConfig()
-    eval: EvalConfig = EvalConfig()
-    relearn: RelearnConfig = RelearnConfig()
-    soft_prompt: SoftPromptConfig = SoftPromptConfig()
-    mesh: MeshConfig = MeshConfig()
+    grid: dict | None = None  # {'train.lr': [1e-4, 3e-4], ...}: every combination, for every localization
+    mesh: MeshSpec = MeshSpec()
     output: str = "runs"
 
     def to_dict(self) -> dict:
@@ -248,14 +164,39 @@ def read_yaml(source: str | None) -> dict:
 
 
 def load_config(source: str | None = None, overrides: list[str] = ()) -> SweepConfig:
-    """The validated config of a file / named config with `key=value` overrides applied."""
+    """The validated config of a file / named config with `key=value` overrides applied.
+
+    Every grid point is validated too, and a `train.preset` beside an explicit `train.lr` or
+    `train.forget_loss_coef` (in the config or its grid) is an error: the preset sets both.
+    """
     raw = read_yaml(source)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
     config = _build(SweepConfig, raw, "")
     validate(config)
+    _check_preset(raw, config)
+    for point in grid_points(config):
+        validate(with_values(config, dict(point)))
     return config
+
+
+def _check_preset(raw: dict, config: SweepConfig) -> None:
+    train = raw.get("train") or {}
+    grid = config.grid or {}
+    if not (config.train.preset or "train.preset" in grid):
+        return
+    explicit = [k for k in PRESET_KEYS if k.partition(".")[2] in train or k in grid]
+    if explicit:
+        raise JaxeditError(f"train.preset sets {' and '.join(PRESET_KEYS)} per model and localization, and "
+                           f"{', '.join(explicit)} is set too: remove one of them")
+
+
+def grid_points(config: SweepConfig) -> list[tuple[tuple[str, object], ...]]:
+    """Every grid assignment ((dotted key, value), ...) sorted by key; [()] without a grid."""
+    grid = config.grid or {}
+    keys = sorted(grid)
+    return [tuple(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [()]
 
 
 def validate(config: SweepConfig) -> None:
@@ -274,6 +215,8 @@ def validate(config: SweepConfig) -> None:
         hints = typing.get_type_hints(SweepConfig)
         if section not in hints or not dataclasses.is_dataclass(hints[section]):
             raise JaxeditError(f"grid key {dotted!r}: {_suggest(section, hints)} (grid keys look like train.lr)")
+        if section == "mesh":
+            raise JaxeditError(f"grid key {dotted!r}: the mesh is one per sweep (run a sweep per mesh)")
         fields = typing.get_type_hints(hints[section])
         if key not in fields:
             raise JaxeditError(f"grid key {dotted!r}: {_suggest(key, fields)}")
@@ -281,16 +224,17 @@ def validate(config: SweepConfig) -> None:
             _coerce(value, fields[key], f"grid.{dotted}")
     if config.train.steps < 1 or config.train.batch_size < 1 or config.train.accumulate < 1:
         raise JaxeditError("train.steps, train.batch_size and train.accumulate must be ≥ 1")
-    if config.soft_prompt.kind not in ("attention", "prefix"):
-        raise JaxeditError(f"soft_prompt.kind {config.soft_prompt.kind!r}: use 'attention' or 'prefix'")
-    if config.localize.rule not in ("fill", "threshold"):
-        raise JaxeditError(f"localize.rule {config.localize.rule!r}: use 'fill' or 'threshold'")
-    if config.train.preset:
-        from jaxedit.edit.train import paper_model, preset
-
-        for model in config.models:  # fails now, not mid-sweep, when a model or setting has no preset
-            for name in config.localizations:
-                preset(config.train.preset, config.train.preset_model or paper_model(model), name)
+    if config.localize.rule not in RULES:
+        raise JaxeditError(f"localize.rule {config.localize.rule!r}: use one of {', '.join(RULES)}")
+    for model in config.models:  # fails now, not mid-sweep, when a model or setting has no preset
+        for name in config.localizations:
+            config.train.for_localization(model, name)
+    r = config.relearn
+    if r.enabled and (r.steps < 1 or not r.eval_at or any(s < 0 or s > r.steps for s in r.eval_at)):
+        raise JaxeditError(f"relearn.eval_at {list(r.eval_at)} must be steps between 0 and relearn.steps={r.steps} "
+                           "(the last one is the reported result)")
+    if config.eval.probes and config.eval.probe_steps < 1:
+        raise JaxeditError("eval.probe_steps must be ≥ 1 (or set eval.probes=false)")
     if config.data.n_forget < 2:
         raise JaxeditError("data.n_forget must be ≥ 2 (the attacks split the forget set in half)")
 

@@ -17,11 +17,10 @@ import numpy as np
 from jaxedit.localize.artifacts import ScoreArray, save_heatmap
 from jaxedit.localize.components import PAPER_LOCALIZATIONS
 from jaxedit.sweep.store import atomic_write
+from jaxedit.tasks import task_class
 
-COLUMNS = ("forget", "maintain", "edit", "forget_qa", "mcq_forget", "mcq_edit", "mcq_maintain", "paraphrase",
-           "paraphrase_edit", "neighborhood", "neighborhood_edit", "probe_gt_last", "relearn_forget",
-           "relearn_maintain", "softprompt_forget", "softprompt_maintain", "after/general/kl", "after/mmlu",
-           "selection_score")
+ATTACK_COLUMNS = ("probe_gt_last", "relearn_forget", "relearn_maintain", "softprompt_forget", "softprompt_maintain",
+                  "after/general/kl", "after/mmlu", "selection_score")  # after the task's own columns
 HEADLINE = ("forget", "edit", "maintain", "mcq_forget", "relearn_forget")
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -48,11 +47,16 @@ def _cell(values) -> str:
     return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} ± {half:.3f}"
 
 
+def _hashable(value):
+    """A grid value as a dict key (list-valued keys such as localize.flu_layers become tuples)."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def _groups(rows: list[dict], grid_keys: list[str]) -> dict:
     """{(model, grid point): {localization: [rows over seeds]}}."""
     out = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        point = tuple((k, row.get(k)) for k in grid_keys)
+        point = tuple((k, _hashable(row.get(k))) for k in grid_keys)
         out[row["model"], point][row["localization"]].append(row)
     return out
 
@@ -72,8 +76,13 @@ def summary_table(by_loc: dict, columns) -> str:
     return "\n".join(lines)
 
 
-def _present(rows: list[dict]) -> list[str]:
-    return [c for c in COLUMNS if any(isinstance(r.get(c), (int, float)) for r in rows)]
+def report_columns(task: str) -> tuple[str, ...]:
+    """The report's columns for `task`: the task's §6 columns, then the attacks' and side effects'."""
+    return tuple(task_class(task).columns) + ATTACK_COLUMNS
+
+
+def _present(rows: list[dict], names) -> list[str]:
+    return [c for c in names if any(isinstance(r.get(c), (int, float)) for r in rows)]
 
 
 def bar_plot(by_loc: dict, columns, path: Path, title: str) -> Path:
@@ -164,7 +173,7 @@ def write_report(store, config) -> Path:
              " Probabilities are the paper's continuous accuracies (§5.1); ± is the 95% t-interval over seeds.", ""]
     for n, ((model, point), by_loc) in enumerate(sorted(_groups(rows, grid_keys).items(), key=str)):
         all_rows = [r for group in by_loc.values() for r in group]
-        columns = _present(all_rows)
+        present = _present(all_rows, report_columns(config.task))
         label = ", ".join(f"{k}={v}" for k, v in point)
         title = f"{model}" + (f" ({label})" if label else "")
         first = all_rows[0]
@@ -172,8 +181,8 @@ def write_report(store, config) -> Path:
                   f"forget {first['n_forget']} facts (measured on {first['n_forget_test']}), maintain "
                   f"{first['n_maintain_train']} train / {first['n_maintain_test']} test; "
                   f"{first['n_known']} of {first['n_candidates']} candidate facts known.", "",
-                  summary_table(by_loc, columns), ""]
-        prob_columns = [c for c in columns if c not in ("selection_score", "after/general/kl")]
+                  summary_table(by_loc, present), ""]
+        prob_columns = [c for c in present if c not in ("selection_score", "after/general/kl")]
         bars = bar_plot(by_loc, prob_columns, directory / f"bars_{n}.png", title)
         spider = spider_plot(by_loc, prob_columns, directory / f"spider_{n}.png", title)
         parts += [f"![bars]({bars.name}) ![spider]({spider.name})", ""]

@@ -1,17 +1,19 @@
 """The units of a sweep: models × seeds × grid points × localizations, each with a stable id.
 
-A unit is one edit-evaluate-attack run. Units that share (model, seed) share one preparation
-(data split, localization scores, before-edit evaluation); the grid varies any dotted config key.
+A unit is one edit-evaluate-attack run. Units that share (model, seed) and the grid's values of
+the keys a preparation reads (`PREP_SECTIONS`) share one preparation (data split, localization
+scores, before-edit evaluation, general text); the grid varies any dotted config key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 
-from jaxedit.sweep.config import SweepConfig, with_values
+from jaxedit.sweep.config import SweepConfig, grid_points, with_values
+
+PREP_SECTIONS = ("data", "localize", "general_text", "eval")  # what `experiment.prepare` reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +25,8 @@ class Unit:
 
     @property
     def prep_id(self) -> str:
-        """Id of the preparation this unit shares: depends on the model, seed and data-side grid keys."""
-        data_keys = tuple((k, v) for k, v in self.point if k.split(".")[0] in ("data", "localize", "general_text"))
+        """Id of the preparation this unit shares: the model, seed and grid values of `PREP_SECTIONS` keys."""
+        data_keys = tuple((k, v) for k, v in self.point if k.split(".")[0] in PREP_SECTIONS)
         return _slug(self.model) + f"__s{self.seed}" + (f"__{_digest(data_keys)}" if data_keys else "")
 
     @property
@@ -54,8 +56,5 @@ def _digest(items) -> str:
 
 def expand(config: SweepConfig) -> list[Unit]:
     """Every unit of the sweep, in a deterministic order (preparations grouped together)."""
-    grid = config.grid or {}
-    keys = sorted(grid)
-    points = [tuple(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [()]
     return [Unit(model, seed, point, loc) for model in config.models for seed in config.seeds
-            for point in points for loc in config.localizations]
+            for point in grid_points(config) for loc in config.localizations]

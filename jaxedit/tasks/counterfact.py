@@ -16,6 +16,8 @@ from jaxedit.data import counterfact as cf
 from jaxedit.data.batching import first_tokens
 from jaxedit.errors import JaxeditError
 from jaxedit.eval.counterfact_eval import evaluate_counterfact, known_facts
+from jaxedit.localize.pipeline import LocalizationInputs
+from jaxedit.tasks.base import DataSettings, EvalSettings
 from jaxedit.tasks.split import Split, cap_maintain
 
 COLUMNS = {  # §6.5 column -> metric key
@@ -29,10 +31,11 @@ N_PARTITIONS = 4  # §4.5
 
 
 class CounterFactTask:
-    """One of the CounterFact tasks of the module doc on a list of `CounterFactFact`s."""
+    """One of the CounterFact tasks of the module doc on a list of `CounterFactFact`s (a `tasks.base.Task`)."""
 
     columns = COLUMNS
     selection = SELECTION
+    NAMES = ("counterfact", "counterfact_sequential")
 
     def __init__(self, facts: list, sequential: bool = False, split: str | None = None, n_shots: int = 8,
                  seed: int = 0):
@@ -41,12 +44,14 @@ class CounterFactTask:
         self.pool: list = []
 
     @classmethod
-    def from_files(cls, path=None, mcq_path=None, **kwargs) -> CounterFactTask:
-        return cls(cf.load_counterfact(path, mcq_path), **kwargs)
+    def build(cls, name: str, data: DataSettings, evaluation: EvalSettings) -> CounterFactTask:
+        return cls(cf.load_counterfact(data.path, data.mcq_path), sequential=name == "counterfact_sequential",
+                   split=data.split, n_shots=evaluation.n_shots)
 
-    def split(self, model, n_forget: int, threshold: float = 0.5, max_maintain: int | None = None,
-              pool_size: int = 8) -> Split:
-        """Keep the facts with P(first token of target_true) ≥ threshold, then split (module doc)."""
+    def split(self, model, data: DataSettings) -> Split:
+        """Keep the facts with P(first token of target_true) ≥ data.known_threshold, then split (module doc)."""
+        n_forget, threshold, max_maintain, pool_size = data.n_forget, data.known_threshold, data.max_maintain, \
+            data.pool_size
         kept = known_facts(model, self.facts, threshold)
         if self.sequential and n_forget % N_PARTITIONS:
             raise JaxeditError(f"sequential editing splits the forget set into {N_PARTITIONS} partitions: "
@@ -66,11 +71,11 @@ class CounterFactTask:
         return Split(forget, list(parts.forget_test), train, held, self.pool, partitions, n_known=len(kept),
                      n_candidates=len(self.facts))
 
-    def localization_inputs(self, model, facts: list):
-        """(prompts, subjects, answer = first token of target_true [N], other = first token of target_false [N,1])."""
+    def localization_inputs(self, model, facts: list) -> LocalizationInputs:
+        """answer = first token of target_true [N], other = first token of target_false [N,1]; no class labels."""
         true = first_tokens(model.tokenizer, [f.target_true for f in facts])
         false = first_tokens(model.tokenizer, [f.target_false for f in facts])
-        return [f.prompt for f in facts], [f.subject.strip() for f in facts], true, false[:, None]
+        return LocalizationInputs([f.prompt for f in facts], [f.subject.strip() for f in facts], true, false[:, None])
 
     def train_sets(self, tokenizer, split: Split) -> dict:
         """{'forget': prompt → first token of target_false, 'maintain': prompt → first token of target_true}."""
@@ -82,12 +87,13 @@ class CounterFactTask:
         return {"forget": ([f.prompt for f in facts], true(facts)), "maintain": ([f.prompt for f in maintain],
                                                                                  true(maintain))}
 
-    def evaluate(self, model, forget: list, maintain: list, params=None, formats=None) -> dict:
+    def evaluate(self, model, forget: list, maintain: list, params=None) -> dict:
         return evaluate_counterfact(model, forget, maintain, self.pool, params=params, seed=self.seed,
-                                    n_shots=self.n_shots, formats=formats)
+                                    n_shots=self.n_shots)
 
     def relearn_evaluate(self, model, forget: list, maintain: list, params) -> dict:
-        return self.evaluate(model, forget, maintain, params, formats=("fact",))
+        return evaluate_counterfact(model, forget, maintain, self.pool, params=params, seed=self.seed,
+                                    n_shots=self.n_shots, formats=("fact",))
 
     def latent(self, model, split: Split, params, steps: int, seed: int) -> dict:
         return {}  # §5.6 probes the athlete settings only

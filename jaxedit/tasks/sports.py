@@ -21,6 +21,8 @@ from jaxedit.errors import JaxeditError
 from jaxedit.eval.candidates import candidate_probs, known
 from jaxedit.eval.latent import latent_knowledge
 from jaxedit.eval.sports_eval import evaluate_sports
+from jaxedit.localize.pipeline import LocalizationInputs
+from jaxedit.tasks.base import DataSettings, EvalSettings
 from jaxedit.tasks.split import Split, cap_maintain, known_prefix
 
 RELEARN_FORMATS = ("fact", "mcq_fact")  # §5.8: templates 1 and 5, no system prompt
@@ -34,10 +36,11 @@ EVAL_FORMATS = ("fact", "qa", "mcq")  # §5.2–5.3: training template, system-p
 
 
 class SportsTask:
-    """One of the sports tasks of the module doc on a list of `SportsFact`s."""
+    """One of the sports tasks of the module doc on a list of `SportsFact`s (a `tasks.base.Task`)."""
 
     columns = COLUMNS
     selection = SELECTION
+    NAMES = ("sports_athletes", "sport_to_golf")
 
     def __init__(self, facts: list, name: str = "sports_athletes", sport: str | None = None):
         if name == "sport_to_golf" and sport not in sports.TEAM_SPORTS:
@@ -46,9 +49,13 @@ class SportsTask:
         self.facts, self.name, self.sport = facts, name, sport
         self.inject_field = "inject_with_golf" if name == "sport_to_golf" else "inject_without_golf"
 
-    def split(self, model, n_forget: int, threshold: float = 0.5, max_maintain: int | None = None,
-              pool_size: int = 0) -> Split:
-        """Filter the team athletes by P(true sport) ≥ threshold, then split (module doc)."""
+    @classmethod
+    def build(cls, name: str, data: DataSettings, evaluation: EvalSettings) -> SportsTask:
+        return cls(sports.load_sports(data.path), name, sport=data.split)
+
+    def split(self, model, data: DataSettings) -> Split:
+        """Filter the team athletes by P(true sport) ≥ data.known_threshold, then split (module doc)."""
+        n_forget, threshold, max_maintain = data.n_forget, data.known_threshold, data.max_maintain
         team = sports.team_facts(self.facts)
         if self.name == "sport_to_golf":
             need = len(team)
@@ -74,12 +81,13 @@ class SportsTask:
         probs = candidate_probs(model, [sports.prompt(f.athlete) for f in facts], list(sports.answers("fact")))
         return known(probs, np.array([sports.SPORTS.index(f.sport) for f in facts]), threshold)
 
-    def localization_inputs(self, model, facts: list):
-        """(prompts, subjects, answer ids [N], other-candidate ids [N,2]) of the three team sports."""
+    def localization_inputs(self, model, facts: list) -> LocalizationInputs:
+        """Answer ids [N] and the two other team sports' ids [N,2]; labels: the team sport's index."""
         ids = first_tokens(model.tokenizer, list(sports.answers("fact")[:3]))
         labels = np.array([sports.TEAM_SPORTS.index(f.sport) for f in facts])
         others = np.array([[ids[j] for j in range(3) if j != y] for y in labels])
-        return [sports.prompt(f.athlete) for f in facts], [f.athlete for f in facts], ids[labels], others
+        return LocalizationInputs([sports.prompt(f.athlete) for f in facts], [f.athlete for f in facts], ids[labels],
+                                  others, labels)
 
     def _sets(self, tokenizer, named: dict) -> dict:
         ids = first_tokens(tokenizer, list(sports.answers("fact")))
@@ -96,12 +104,13 @@ class SportsTask:
         """The relearning attack's data: `facts` with their TRUE sport, plus maintain facts."""
         return self._sets(tokenizer, {"forget": (facts, "sport"), "maintain": (maintain, "sport")})
 
-    def evaluate(self, model, forget: list, maintain: list, params=None, formats=EVAL_FORMATS) -> dict:
-        return evaluate_sports(model, forget, maintain, params=params, formats=formats,
+    def evaluate(self, model, forget: list, maintain: list, params=None) -> dict:
+        return evaluate_sports(model, forget, maintain, params=params, formats=EVAL_FORMATS,
                                inject_field=self.inject_field)
 
     def relearn_evaluate(self, model, forget: list, maintain: list, params) -> dict:
-        return self.evaluate(model, forget, maintain, params, RELEARN_FORMATS)
+        return evaluate_sports(model, forget, maintain, params=params, formats=RELEARN_FORMATS,
+                               inject_field=self.inject_field)
 
     def latent(self, model, split: Split, params, steps: int, seed: int) -> dict:
         """§5.6 probes (team-sport injections only; whole-sport → golf has none to probe)."""
