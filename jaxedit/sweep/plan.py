@@ -18,6 +18,7 @@ from jaxedit.localize.fact_lookup import PAPER_FLU_LAYERS
 from jaxedit.models import registry
 from jaxedit.models.config import ModelConfig, config_from_hf, load_config
 from jaxedit.sweep.config import CONFIG_DIR, SweepConfig
+from jaxedit.sweep.memory import format_report, memory_report
 
 
 def model_config(name: str) -> ModelConfig:
@@ -48,7 +49,7 @@ def plan(config: SweepConfig, n_devices: int | None = None) -> str:
         if layers:
             masks[f"FLU MLPs {list(layers)}"] = components.trainable_mask(components.mlp_layers(cfg, layers), cfg)
         for label, mask in masks.items():
-            report = sharding.memory_report(cfg, mesh, dtype=config.train.dtype, trainable_mask=mask,
-                                            accumulate=config.train.accumulate)
-            parts.append(f"{name}, {label}:\n{sharding.format_report(report)}")
+            report = memory_report(cfg, mesh, dtype=config.train.dtype, trainable_mask=mask,
+                                   accumulate=config.train.accumulate)
+            parts.append(f"{name}, {label}:\n{format_report(report)}")
     return "\n\n".join(parts)
