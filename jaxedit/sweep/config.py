@@ -19,7 +19,7 @@ from jaxedit.errors import JaxeditError
 from jaxedit.localize.components import PAPER_LOCALIZATIONS
 
 TASKS = ("sports_athletes", "sport_to_golf", "counterfact", "counterfact_sequential")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data; the checkout's configs/ links here
 
 
 @dataclasses.dataclass(frozen=True)
