@@ -16,7 +16,7 @@ import numpy as np
 from jaxedit.errors import JaxeditError
 from jaxedit.io import staged
 from jaxedit.models import core, registry
-from jaxedit.models.config import ModelConfig, load_config
+from jaxedit.models.config import ModelConfig, read_model_config
 from jaxedit.models.hf_checkpoint import read_params, write_safetensors
 from jaxedit.tokenizer import Tokenizer
 
@@ -61,7 +61,7 @@ def load(name_or_path: str | os.PathLike, dtype: str = "float32") -> Model:
     if dtype not in DTYPES:
         raise JaxeditError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     model_dir = registry.resolve(name_or_path)
-    cfg = load_config(model_dir)
+    cfg = read_model_config(model_dir)
     params = jax.tree.map(lambda a: jnp.asarray(a, DTYPES[dtype]), read_params(cfg, model_dir))
     has_tokenizer = (model_dir / "tokenizer.json").is_file()
     tokenizer = Tokenizer(model_dir, cfg.pad_token_id) if has_tokenizer else None
