@@ -242,4 +242,3 @@ def _save_tokenizer(reader: gguf.GGUFReader, out_dir: Path) -> None:
     tokenizer_class = getattr(transformers, _TOKENIZER_CLASSES[architecture])
     tokenizer = tokenizer_class(tokenizer_object=backend, **tokenizer_config, **extra)
     tokenizer.save_pretrained(str(out_dir))
-

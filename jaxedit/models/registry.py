@@ -143,4 +143,3 @@ def file_sha256(path: Path) -> str:
     index[str(path)] = [*stamp, digest.hexdigest()]
     atomic_write(index_path, json.dumps(index, indent=1))
     return digest.hexdigest()
-
