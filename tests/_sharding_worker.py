@@ -94,8 +94,9 @@ def devices(out: Path, gemma3_dir, llama_dir):
     import jaxedit
     from jaxedit.localize.metrics import logit_diff
     from jaxedit.models.config import config_from_hf
-    from jaxedit.sharding import MeshSpec, make_mesh, memory_report, param_shardings, shard_params
-    from jaxedit.sharding import compute
+    from jaxedit.sharding import MeshSpec, make_mesh, param_shardings, shard_params
+    from jaxedit.sweep.memory import memory_report
+    import _sharded_compute as compute
 
     assert jax.device_count() == 8, jax.devices()
     res = {}
@@ -131,7 +132,7 @@ def processes(out: Path, llama_dir):
     import jaxedit
     from jaxedit.localize.metrics import logit_diff
     from jaxedit.sharding import MeshSpec, make_mesh, param_shardings, process_path, process_slice, shard_params
-    from jaxedit.sharding import compute
+    import _sharded_compute as compute
 
     model = jaxedit.load(llama_dir)
     tokens, mask, corrupt, answer, others = prompts()

@@ -25,8 +25,9 @@ from jaxedit.localize import components as C
 from jaxedit.localize.metrics import logit_diff
 from jaxedit.models.config import config_from_hf
 from jaxedit.sharding import (DEFAULT_RULES, MeshSpec, abstract_mesh, batch_sharding, gather_slices, initialize_distributed,
-                              make_mesh, memory_report, param_specs, process_path, process_slice)
+                              make_mesh, param_specs, process_path, process_slice)
 from jaxedit.sharding.multihost import ENV
+from jaxedit.sweep.memory import memory_report
 from tiny_models import save_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent

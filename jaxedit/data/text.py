@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.errors import JaxeditError
+from jaxedit.io import staged
 from jaxedit.models import registry
 from jaxedit.models.decode import generate
 
@@ -148,7 +148,8 @@ def sample_text(model, n: int, ctx: int = 64, seed: int = 0, temperature: float 
     tokens = np.concatenate([np.asarray(t) for t, _ in out])[:n]
     mask = np.concatenate([np.asarray(m) for _, m in out])[:n]
     if path is not None:
-        _save_atomic(path, tokens=tokens, mask=mask)
+        with staged(path) as tmp, tmp.open("wb") as f:
+            np.savez(f, tokens=tokens, mask=mask)
     return tokens, mask
 
 
@@ -173,17 +174,6 @@ def _cache_path(model, n, ctx, seed, temperature, prompt) -> Path | None:
                seed=seed, temperature=float(temperature), prompt=prompt, version=SAMPLER_VERSION)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return registry.cache_dir() / "text" / f"sample-{digest}.npz"
-
-
-def _save_atomic(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def lm_batches(tokens, mask, batch_size: int, n_batches: int, seed: int = 0):

@@ -11,13 +11,10 @@ from pathlib import Path
 
 import jaxedit
 from jaxedit.errors import JaxeditError
+from jaxedit.io import say
 from jaxedit.localize import components, pipeline
 from jaxedit.localize.pipeline import LocalizeSettings
 from jaxedit.tasks import TASKS, DataSettings, EvalSettings, make_task
-
-
-def _say(message: str, start: float) -> None:
-    print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
 
 
 def localize_task(model, task, data: DataSettings, out_dir: Path, probes: bool, settings: LocalizeSettings,
@@ -26,25 +23,25 @@ def localize_task(model, task, data: DataSettings, out_dir: Path, probes: bool, 
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     split = task.split(model, data)
-    _say(f"{split.n_known}/{split.n_candidates} facts known; patching {len(split.forget)}", start)
+    say(f"{split.n_known}/{split.n_candidates} facts known; patching {len(split.forget)}")
     inputs = task.localization_inputs(model, split.forget)
     extra = task.localization_inputs(model, split.maintain_train + split.maintain_test)
     localized = pipeline.localize(model, inputs, components.PAPER_LOCALIZATIONS, settings, seed,
                                   probe_inputs=extra if probes and extra.labels is not None else None)
-    _say(f"fact lookup: receiver layer {localized.flu.receiver}, selected MLP layers {list(localized.flu_layers)}; "
-         f"attribution patching and causal tracing done", start)
+    say(f"fact lookup: receiver layer {localized.flu.receiver}, selected MLP layers {list(localized.flu_layers)}; "
+        f"attribution patching and causal tracing done")
     effect, rho = pipeline.mlp_patching_check(model, inputs, localized, seed)
-    _say(f"activation patching of MLP outputs (noising): Spearman ρ with AtP mlp_out = {rho:.3f}", start)
+    say(f"activation patching of MLP outputs (noising): Spearman ρ with AtP mlp_out = {rho:.3f}")
     scores = localized.scores()
     locs = components.paper_localizations(model.cfg, localized.flu_layers, ap_scores=scores["ap_scores"],
                                           ct_scores=scores["ct_scores"], seed=seed, rule=settings.rule)
-    _say("localizations: " + ", ".join(f"{k} {v.n_params / 1e6:.1f}M" for k, v in locs.items()), start)
+    say("localizations: " + ", ".join(f"{k} {v.n_params / 1e6:.1f}M" for k, v in locs.items()))
     facts = {"model": model_name, "task": task.name, "seed": seed, "settings": dataclasses.asdict(settings),
              "facts": split.n_candidates, "known": split.n_known, "patched": inputs.subjects,
              "seconds": round(time.perf_counter() - start, 1)}
     summary = pipeline.summary(localized, locs, rho, facts)
     pipeline.write_artifacts(out_dir, localized, locs, inputs, summary, effect, model_name)
-    _say(f"wrote {out_dir}/summary.md", start)
+    say(f"wrote {out_dir}/summary.md")
     return summary
 
 

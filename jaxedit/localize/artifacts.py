@@ -9,28 +9,16 @@ matplotlib's Agg canvas, without touching pyplot's global state.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
 from jaxedit.errors import JaxeditError
+from jaxedit.io import git_revision
 
 FORMAT = "jaxedit.score_array/1"
-
-
-@functools.lru_cache(maxsize=1)
-def git_sha() -> str:
-    """Commit of the jaxedit checkout this code runs from ('unknown' outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def data_hash(*items) -> str:
@@ -56,7 +44,7 @@ class ScoreArray:
     method: str  # e.g. "attribution_patching", "path_patching/extraction_heads"
     model: str = ""
     data_hash: str = ""
-    git_sha: str = dataclasses.field(default_factory=git_sha)
+    git_sha: str = dataclasses.field(default_factory=git_revision)
     labels: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # optional tick labels per axis
     meta: dict = dataclasses.field(default_factory=dict)  # JSON-serializable extras (threshold, seed, …)
 

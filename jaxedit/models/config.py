@@ -127,7 +127,7 @@ class ModelConfig:
         return json.loads(dict(self.hf_config)["json"])
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
+def read_model_config(model_dir: str | Path) -> ModelConfig:
     """Read `model_dir/config.json`; raise JaxeditError naming what is wrong."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():

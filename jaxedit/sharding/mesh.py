@@ -11,7 +11,6 @@ input shardings; `jax.make_mesh` alone would make them Explicit.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 
 import jax
@@ -20,6 +19,7 @@ import optax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxedit.errors import JaxeditError
+from jaxedit.io import logger
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.params import param_axes, param_shapes
 
@@ -28,7 +28,6 @@ DEFAULT_RULES = (
     ("batch", "data"), ("layers", None), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
     ("kv_heads", "tensor"), ("head_dim", None), ("mlp", "tensor"), ("positions", None),
 )
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +113,10 @@ def param_specs(cfg: ModelConfig, mesh: Mesh | AbstractMesh, rules=DEFAULT_RULES
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh | AbstractMesh, rules=DEFAULT_RULES) -> dict:
-    """Params-shaped tree of NamedSharding by the rules; dropped mesh axes are logged (INFO)."""
+    """Params-shaped tree of NamedSharding by the rules; dropped mesh axes are logged (DEBUG)."""
     specs, notes = param_specs(cfg, mesh, rules)
     for note in notes:
-        log.info("sharding: %s", note)
+        logger.debug("sharding: %s", note)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
@@ -146,7 +145,7 @@ def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2, rules=DEFAULT_RUL
     """Sharding of an array [B,...] of rank `ndim`: B by the 'batch' rule ('data'), replicated if it does not divide."""
     spec, notes = logical_spec(("batch",), (batch_size,), mesh, rules, "batch")
     for note in notes:
-        log.info("sharding: %s (replicated)", note)
+        logger.debug("sharding: %s (replicated)", note)
     return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - 1))))
 
 

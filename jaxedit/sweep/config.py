@@ -24,7 +24,7 @@ from jaxedit.localize.components import PAPER_LOCALIZATIONS, RULES
 from jaxedit.sharding.mesh import MeshSpec
 from jaxedit.tasks import TASKS
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data; the checkout's configs/ links here
 PRESET_KEYS = ("train.lr", "train.forget_loss_coef")  # what a train.preset sets per model and localization
 
 

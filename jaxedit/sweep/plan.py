@@ -16,8 +16,9 @@ from jaxedit.errors import JaxeditError
 from jaxedit.localize import components
 from jaxedit.localize.fact_lookup import PAPER_FLU_LAYERS
 from jaxedit.models import registry
-from jaxedit.models.config import ModelConfig, config_from_hf, load_config
+from jaxedit.models.config import ModelConfig, config_from_hf, read_model_config
 from jaxedit.sweep.config import CONFIG_DIR, SweepConfig
+from jaxedit.sweep.memory import format_report, memory_report
 
 
 def model_config(name: str) -> ModelConfig:
@@ -26,7 +27,7 @@ def model_config(name: str) -> ModelConfig:
     if path.is_file():
         return config_from_hf(json.loads(path.read_text()))
     try:
-        return load_config(registry.resolve(name))
+        return read_model_config(registry.resolve(name))
     except JaxeditError as err:
         raise JaxeditError(f"no config for model {name!r} ({err}); or add configs/models/{paper_model(name)}.json") \
             from None
@@ -48,7 +49,7 @@ def plan(config: SweepConfig, n_devices: int | None = None) -> str:
         if layers:
             masks[f"FLU MLPs {list(layers)}"] = components.trainable_mask(components.mlp_layers(cfg, layers), cfg)
         for label, mask in masks.items():
-            report = sharding.memory_report(cfg, mesh, dtype=config.train.dtype, trainable_mask=mask,
-                                            accumulate=config.train.accumulate)
-            parts.append(f"{name}, {label}:\n{sharding.format_report(report)}")
+            report = memory_report(cfg, mesh, dtype=config.train.dtype, trainable_mask=mask,
+                                   accumulate=config.train.accumulate)
+            parts.append(f"{name}, {label}:\n{format_report(report)}")
     return "\n\n".join(parts)

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxedit.localize.artifacts import ScoreArray, save_heatmap
 from jaxedit.localize.components import PAPER_LOCALIZATIONS
-from jaxedit.sweep.store import atomic_write
+from jaxedit.io import atomic_write
 from jaxedit.tasks import task_class
 
 ATTACK_COLUMNS = ("probe_gt_last", "relearn_forget", "relearn_maintain", "softprompt_forget", "softprompt_maintain",

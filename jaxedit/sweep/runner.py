@@ -22,16 +22,13 @@ import jaxedit
 from jaxedit import experiment
 from jaxedit.data import text
 from jaxedit.errors import JaxeditError
+from jaxedit.io import say
 from jaxedit.models import registry
 from jaxedit.sweep import parallel, report
 from jaxedit.sweep.config import SweepConfig
 from jaxedit.sweep.store import RunStore, write_json
 from jaxedit.sweep.units import Unit, expand
 from jaxedit.tasks import Task, make_task
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def unit_settings(config: SweepConfig, unit: Unit) -> SweepConfig:

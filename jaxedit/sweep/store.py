@@ -15,32 +15,17 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 from jaxedit.errors import JaxeditError
-from jaxedit.localize.artifacts import git_sha
+from jaxedit.io import atomic_write, git_revision
 
 PACKAGES = ("jaxedit", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers")
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file, or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, value) -> None:
+    """`value` as indented, key-sorted JSON (arrays as lists), written atomically."""
     atomic_write(path, json.dumps(value, indent=1, sort_keys=True, default=_jsonable) + "\n")
 
 
@@ -78,7 +63,7 @@ class RunStore:
                 raise JaxeditError(f"{self.root} holds a sweep with a different config: pass another name=... "
                                    f"or output=..., or remove the directory")
             return True
-        write_json(self.manifest_path, {"config": config, "versions": versions(), "git_revision": git_sha(),
+        write_json(self.manifest_path, {"config": config, "versions": versions(), "git_revision": git_revision(),
                                         "devices": devices, "platform": platform.platform()})
         return False
 

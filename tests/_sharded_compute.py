@@ -1,4 +1,4 @@
-"""Sharded runs of the library's jitted programs: params sharded by the rules, prompts on 'data'.
+"""Sharded runs of the library's jitted programs for tests/_sharding_worker.py: params by the rules, prompts on 'data'.
 
 Nothing here re-implements the model: inputs are placed with `NamedSharding`s and the plain jitted
 functions propagate them (XLA inserts the collectives). Results come back to the host as numpy.

@@ -1,0 +1,89 @@
+"""Files, provenance and progress lines: atomic writes, the checkout's git revision, one logger.
+
+`staged(target)` yields a temporary path beside `target` and renames it onto `target` only when
+the block succeeds (a file is fsynced first), so readers see the old `target` or the whole new one.
+`say` prints a progress line `[HH:MM:SS] message` on stderr through the `jaxedit` logger;
+library notes go to the same logger at DEBUG (hidden unless its level is lowered).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def staged(target: str | os.PathLike, *, directory: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+    """A temporary file (or, with `directory`, an empty folder) beside `target` to fill, then renamed onto it.
+
+    On an error in the block the temporary is removed and `target` is untouched. keep_existing: if
+    the rename fails because `target` appeared meanwhile (a concurrent writer), keep theirs.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if not directory:
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (keep_existing and target.exists()):
+                raise
+    finally:
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write text or bytes to `path` so that readers see the old file, or the whole new one."""
+    with staged(path) as tmp:
+        (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
+
+
+@functools.lru_cache(maxsize=1)
+def git_revision() -> str:
+    """Commit of the jaxedit checkout this code runs from ('unknown' outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+class _Stderr(logging.Handler):
+    """Writes to the current `sys.stderr` (looked up per line, so redirections and pytest's capture see it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+logger = logging.getLogger("jaxedit")
+logger.setLevel(logging.INFO)
+logger.propagate = False
+_handler = _Stderr()
+_handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+logger.addHandler(_handler)
+
+
+def say(message: str) -> None:
+    """One progress line on stderr: `[HH:MM:SS] message`."""
+    logger.info(message)
