@@ -10,7 +10,7 @@ from jaxedit import SiteEdit
 from jaxedit.interventions import one_layer_edit
 from jaxedit.localize import fact_lookup as flu
 from jaxedit.localize.path_patching import enrichment_mlp_scores, extraction_head_scores
-from jaxedit.localize.probes import probe_accuracy, split
+from jaxedit.localize.probes import probe_accuracy, train_test_rows
 from tiny_models import VOCAB, save_hf_model
 
 # ---------------------------------------------------------------- probes
@@ -18,7 +18,7 @@ from tiny_models import VOCAB, save_hf_model
 
 def _reference_probe_accuracy(x, y, n_classes, seed, C=1.0):
     """Test accuracy of an L-BFGS-B (scipy) multinomial logistic regression, same split and objective."""
-    train, test = split(len(y), seed)
+    train, test = train_test_rows(len(y), seed)
     mean, std = x[train].mean(0), x[train].std(0)
     x = (x - mean) / np.where(std > 0, std, 1.0)
     n, d = len(train), x.shape[1]

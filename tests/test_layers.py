@@ -94,3 +94,26 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     path = tmp_path / "x.py"
     path.write_text("def f():\n    from jaxedit.sweep import runner\n")
     assert "jaxedit.sweep.runner" in _imports(path)
+
+
+def test_sweep_settings_declare_no_mirror_of_a_library_settings_class():
+    """A dataclass under jaxedit/sweep/ declares (in its own body) fewer than 4 field names of a library settings class."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    def classes(modules):
+        for name in modules:
+            for _, cls in inspect.getmembers(importlib.import_module(name), inspect.isclass):
+                if dataclasses.is_dataclass(cls) and cls.__module__ == name:
+                    yield cls
+
+    sweep = [_module(p) for p in (PACKAGE / "sweep").glob("*.py") if not _is_entry(_module(p))]
+    library = [_module(p) for p in PACKAGE.rglob("*.py") if "sweep" not in p.parts and not _is_entry(_module(p))]
+    settings = [c for c in classes(library) if c.__name__.endswith(("Settings", "Spec"))]
+    assert len(settings) >= 8, [c.__name__ for c in settings]
+    for cls in classes(sweep):
+        own = set(cls.__dict__.get("__annotations__", {}))
+        for lib in settings:
+            shared = own & {f.name for f in dataclasses.fields(lib)}
+            assert len(shared) < 4, f"{cls.__name__} mirrors {lib.__name__}: {sorted(shared)}"

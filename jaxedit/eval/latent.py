@@ -22,7 +22,7 @@ import numpy as np
 from jaxedit.data import sports
 from jaxedit.errors import JaxeditError
 from jaxedit.localize.fact_lookup import subject_last_tokens
-from jaxedit.localize.probes import fit_probe, split
+from jaxedit.localize.probes import fit_probe, train_test_rows
 from jaxedit.models import core
 
 
@@ -77,7 +77,7 @@ def probe_edit(maintain_x, maintain_y, forget_x, forget_true, forget_inject, *, 
                C: float = 1.0, steps: int = 100) -> LatentResult:
     """Probe accuracies from features: maintain_x [L,N,D] with labels [N]; forget_x [L,M,D] with true/injected [M]."""
     maintain_y = np.asarray(maintain_y)
-    train, test = split(len(maintain_y), seed)
+    train, test = train_test_rows(len(maintain_y), seed)
     apply_x = np.concatenate([np.asarray(maintain_x)[:, test], np.asarray(forget_x)], axis=1)
     pred = probe_predictions(np.asarray(maintain_x)[:, train], maintain_y[train], apply_x, n_classes=n_classes,
                              C=C, steps=steps)

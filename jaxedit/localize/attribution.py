@@ -119,11 +119,12 @@ def attribution_patching(
     rows = np.concatenate([np.arange(n), np.zeros(n_chunks * chunk - n, int)])
     weight = jnp.asarray(np.arange(n_chunks * chunk) < n, jnp.float32).reshape(n_chunks, chunk)
 
-    def split(a):
+    def in_chunks(a):
         a = jnp.asarray(a)[rows]
         return a.reshape((n_chunks, chunk) + a.shape[1:])
 
-    batches = (split(clean), split(corrupt), split(attention_mask), weight, jax.tree.map(split, targets))
+    batches = (in_chunks(clean), in_chunks(corrupt), in_chunks(attention_mask), weight,
+               jax.tree.map(in_chunks, targets))
     sums, clean_sum, corrupt_sum = _attribute(params, batches, cfg, metric, tuple(sites), qk_fix, grad_drop, remat)
     m_clean, m_corrupt = float(clean_sum) / n, float(corrupt_sum) / n
     if normalize and m_clean == m_corrupt:

@@ -30,7 +30,7 @@ class ProbeResult:
     test_index: np.ndarray  # [N_test] held-out rows
 
 
-def split(n: int, seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+def train_test_rows(n: int, seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Seeded shuffle split of range(n): (train indices, test indices); ceil(test_fraction·n) held out."""
     n_test = int(np.ceil(test_fraction * n))
     if not 0 < n_test < n:
@@ -93,7 +93,7 @@ def probe_accuracy(
     if features.ndim != 3 or labels.shape != features.shape[1:2]:
         raise JaxeditError(f"probe features {features.shape} and labels {labels.shape} do not fit: want [L,N,D] and [N]")
     n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
-    train, test = split(labels.shape[0], seed, test_fraction)
+    train, test = train_test_rows(labels.shape[0], seed, test_fraction)
     train_acc, test_acc = _fit_and_score(features, jnp.asarray(labels, jnp.int32), train, test,
                                          1.0 / (C * len(train)), n_classes, steps)
     return ProbeResult(np.asarray(test_acc), np.asarray(train_acc), train, test)
