@@ -1,17 +1,20 @@
 """A sweep's grid reaches every unit: its row, the optimizers it builds, its results, its report.
 
-Run in process (the CLI's `main`) on a tiny random Llama with SmolLM2's tokenizer, with the
-learning-rate schedules of the edit and of the relearning attack spied on: the reference for "the
-unit trained with lr x" is the value the optimizer was built with, not the row that claims it.
+The CLI runs on a tiny random Llama with SmolLM2's tokenizer in a subprocess whose learning-rate
+schedules (the edit's and the relearning attack's) are spied on: the reference for "the unit
+trained with lr x" is the value its optimizer was built with, not the row that claims it. The
+sweeps share a persistent compilation cache (units differ in constants, not in programs).
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from jaxedit.attacks import relearn as relearn_mod
-from jaxedit.edit import train as train_mod
 from jaxedit.errors import JaxeditError
 from jaxedit.sweep import __main__ as sweep_cli
 from jaxedit.sweep.config import load_config
@@ -39,27 +42,52 @@ def _write(tmp_path, config: dict):
     return str(path)
 
 
-def _spy(monkeypatch, module, calls: list) -> None:
-    real = module.cosine_schedule
+ROOT = Path(__file__).resolve().parents[1]
+SPIED_SWEEP = """
+import json, sys
+from jaxedit.attacks import relearn
+from jaxedit.edit import train
+from jaxedit.sweep.__main__ import main
 
-    def schedule(lr, *args, **kwargs):
-        calls.append(lr)
-        return real(lr, *args, **kwargs)
+calls = {"edit": [], "relearn": []}
+for module, key in ((train, "edit"), (relearn, "relearn")):
+    def schedule(lr, *args, _real=module.cosine_schedule, _key=key, **kwargs):
+        calls[_key].append(lr)
+        return _real(lr, *args, **kwargs)
+    module.cosine_schedule = schedule
+code = main(sys.argv[2:])
+open(sys.argv[1], "w").write(json.dumps(calls))
+sys.exit(code)
+"""
 
-    monkeypatch.setattr(module, "cosine_schedule", schedule)
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Run the CLI on a config file: (exit code, the learning rates its optimizers were built with)."""
+    xla = tmp_path_factory.mktemp("xla")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(xla),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAXEDIT_CACHE=str(tmp_path_factory.mktemp("cache")))
+    env.pop("XLA_FLAGS", None)
+
+    def run(path: str):
+        calls = Path(path).with_suffix(".calls.json")
+        done = subprocess.run([sys.executable, "-c", SPIED_SWEEP, str(calls), path], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(calls.read_text())
+
+    return run
 
 
 def _rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
 
 
-def test_every_grid_point_runs_with_its_own_values(tiny_llama_dir, tmp_path, monkeypatch):
+def test_every_grid_point_runs_with_its_own_values(tiny_llama_dir, tmp_path, sweep):
     config = _config(tiny_llama_dir, tmp_path / "runs", grid=GRID)
     config["train"].pop("lr")
-    edit_lrs, relearn_lrs = [], []
-    _spy(monkeypatch, train_mod, edit_lrs)
-    _spy(monkeypatch, relearn_mod, relearn_lrs)
-    assert sweep_cli.main([_write(tmp_path, config)]) == 0
+    calls = sweep(_write(tmp_path, config))
+    edit_lrs, relearn_lrs = calls["edit"], calls["relearn"]
     rows = sorted(_rows(tmp_path / "runs" / "grid"), key=lambda r: r["unit"])
     assert len(rows) == 16 and len(edit_lrs) == 16 and len(relearn_lrs) == 16
     # units run in `expand` order: the i-th optimizer belongs to the i-th unit of that order
@@ -87,11 +115,11 @@ def test_every_grid_point_runs_with_its_own_values(tiny_llama_dir, tmp_path, mon
     assert "Hyper-parameter selection" in summary and "train.lr=0.03" in summary
 
 
-def test_a_list_valued_grid_key_reports(tiny_llama_dir, tmp_path):
+def test_a_list_valued_grid_key_reports(tiny_llama_dir, tmp_path, sweep):
     config = _config(tiny_llama_dir, tmp_path / "runs", grid={"localize.flu_layers": [[0], [1]]},
                      eval={"probes": False})
     config["relearn"] = {"enabled": False}
-    assert sweep_cli.main([_write(tmp_path, config)]) == 0
+    sweep(_write(tmp_path, config))
     rows = _rows(tmp_path / "runs" / "grid")
     assert sorted(r["localize.flu_layers"] for r in rows) == [[0], [1]]
     assert rows[0]["components"] != rows[1]["components"]  # each point trained its own layer
@@ -121,12 +149,12 @@ def test_bad_grids_fail_before_anything_runs(tiny_llama_dir, tmp_path, capsys, g
         load_config(_write(tmp_path, config), override)
 
 
-def test_a_preset_sets_lr_and_coefficient_per_localization(tiny_llama_dir, tmp_path):
+def test_a_preset_sets_lr_and_coefficient_per_localization(tiny_llama_dir, tmp_path, sweep):
     config = _config(tiny_llama_dir, tmp_path / "runs", localizations=["manual_interp", "random"])
     config["train"] = {"steps": 1, "batch_size": 4, "accumulate": 1, "preset": "sports_athletes",
                        "preset_model": "gemma-7b"}
     config["relearn"] = {"enabled": False}
-    assert sweep_cli.main([_write(tmp_path, config)]) == 0
+    assert sweep(_write(tmp_path, config))["edit"] == [1e-5, 1e-5]
     rows = {r["localization"]: r for r in _rows(tmp_path / "runs" / "grid")}
     assert (rows["manual_interp"]["lr"], rows["manual_interp"]["forget_loss_coef"]) == (1e-5, 5)  # §4.4 table
     assert (rows["random"]["lr"], rows["random"]["forget_loss_coef"]) == (1e-5, 0.1)
