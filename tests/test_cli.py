@@ -33,3 +33,27 @@ def test_localize_bad_facts_file(tmp_path):
                                 "--out", str(tmp_path / "out")))
     assert "missing column" in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_sweep_help_lists_every_config_key_with_its_default():
+    import dataclasses
+    import typing
+
+    from jaxedit.sweep.config import SweepConfig
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[field.name]):
+                yield from walk(hints[field.name], f"{prefix}{field.name}.")
+            else:
+                yield prefix + field.name, field.default
+
+    result = _run("jaxedit.sweep", "--help")
+    assert result.returncode == 0
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in result.stdout.splitlines()
+              if line.startswith("  ") and len(line.split()) >= 2}
+    keys = dict(walk(SweepConfig))
+    assert len(keys) > 50 and set(keys) <= set(listed)
+    assert listed["train.lr"] == "1.0e-05" and listed["relearn.eval_at"] == "[0, 10, 20]"
+    assert listed["train.preset"] == "null" and listed["soft_prompt.enabled"] == "true"

@@ -33,6 +33,7 @@ class GeneralTextSettings:
     corpus: str | None = None  # .txt / .jsonl / directory; null: text sampled from the original model
     n: int = 32  # windows
     ctx: int = 48  # tokens per window
+    temperature: float = 1.0  # of the model's samples (0: greedy); unused with a corpus
     batch_size: int | None = None  # windows per micro-batch of the LM/KL term (null: the edit's batch size)
 
 
@@ -42,7 +43,7 @@ def general_text(model, settings: GeneralTextSettings, seed: int = 0):
         return None
     if settings.corpus:
         return load_corpus(settings.corpus, model.tokenizer, settings.n, ctx=settings.ctx, seed=seed)
-    return sample_text(model, settings.n, ctx=settings.ctx, seed=seed)
+    return sample_text(model, settings.n, ctx=settings.ctx, seed=seed, temperature=settings.temperature)
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:

@@ -30,6 +30,7 @@ class LocalizeSettings:
 
     flu_layers: tuple[int, ...] | None = None  # null: fact lookup on the forget facts picks them
     threshold: float = 0.02  # fact lookup: enrichment-score threshold of a selected MLP layer (§3.2)
+    top_k_heads: int = 10  # fact lookup: extraction heads whose earliest layer is the receiver
     ct_samples: int = 3  # causal-tracing noise samples
     ct_noise: str = "rome"  # causal-tracing noise scale (`causal_tracing.trace_components`)
     rule: str = "fill"  # budget rule: 'fill' (ours) or 'threshold' (the paper's, §10.9)
@@ -88,7 +89,7 @@ def localize(model, inputs: LocalizationInputs, names=components.PAPER_LOCALIZAT
         rows = inputs if probe_inputs is None else _concat(inputs, probe_inputs)
         flu = fact_lookup.fact_lookup(model, rows.prompts, rows.subjects, rows.answer, rows.others,
                                       labels=None if probe_inputs is None else rows.labels, patch_rows=np.arange(len(inputs.prompts)), seed=seed,
-                                      threshold=settings.threshold)
+                                      threshold=settings.threshold, top_k_heads=settings.top_k_heads)
         if not flu.layers:
             raise JaxeditError("fact lookup selected no MLP layer: set localize.flu_layers (e.g. [2, 3, 6])")
         layers = flu.layers

@@ -36,7 +36,7 @@ def _epilog() -> str:
 
 def _yaml(value) -> str:
     """A default as it would be written in YAML (null, true, [0, 1])."""
-    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).strip() \
+    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True, width=2**20).strip() \
         .removesuffix("...").strip()
 
 
