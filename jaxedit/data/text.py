@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.data.batching import cycling_order
 from jaxedit.errors import JaxeditError
 from jaxedit.models import registry
 from jaxedit.models.decode import generate
@@ -176,7 +177,7 @@ def lm_batches(tokens, mask, batch_size: int, n_batches: int, seed: int = 0):
         raise JaxeditError(f"tokens {tokens.shape} and mask {mask.shape} must be one non-empty [N,T] shape")
     rng = np.random.default_rng(seed)
     need = batch_size * n_batches
-    order = np.concatenate([rng.permutation(len(tokens)) for _ in range(-(-need // len(tokens)))])[:need]
+    order = cycling_order(rng.permutation, len(tokens), need)
 
     def batch(i: int) -> dict:
         rows = order[(i % n_batches) * batch_size:(i % n_batches + 1) * batch_size]
