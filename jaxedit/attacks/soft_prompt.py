@@ -212,8 +212,11 @@ def train_adversary(model, params, prompts: list[str], labels: list[str],
     adversary = init_adversary(model.cfg.d_model, settings)
     data = _label_data(model.tokenizer, prompts, labels, _n_slots(adversary))
     n, need = len(prompts), settings.steps * settings.batch_size
-    orders = np.stack([cycling_order(lambda k, r=r: np.random.default_rng((settings.seed, r, 1)).permutation(k), n,
-                                     need) for r in range(settings.restarts)])  # one shuffle, repeated
+
+    def shuffle(r):  # restart r's seeded shuffle, the same in every cycle
+        return lambda k: np.random.default_rng((settings.seed, r, 1)).permutation(k)
+
+    orders = np.stack([cycling_order(shuffle(r), n, need) for r in range(settings.restarts)])
     opt_state = jax.vmap(_optimizer(settings.lr, settings.grad_clip).init)(adversary)
     scalars = [jnp.float32(v) for v in (settings.lr, settings.grad_clip, settings.eps)]
     for step in tqdm(range(settings.steps), file=sys.stderr, disable=not settings.progress,
