@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import numpy as np
 import jaxedit
 from jaxedit.errors import JaxeditError
 from jaxedit.models import core
+from jaxedit.readout import logits_after, read_jit
 
 DEFAULT_PROMPTS = (
     "Fact: Michael Jordan plays the sport of",
@@ -39,18 +41,16 @@ def _parse(argv):
 
 def logit_lens_ranks(model: jaxedit.Model, tokens, mask, answers) -> np.ndarray:
     """Rank [L+1, B] of each answer token when unembedding resid_pre of every layer and the output."""
-    last = core.last_positions(mask)
+    got = read_jit(model.params, model.cfg, tokens, mask, ("logits", "resid_pre"))
+    return np.asarray(_lens_ranks(model.params, got["resid_pre"][:, :, 0], got["logits"][:, 0], answers, model.cfg))
 
-    @jax.jit
-    def ranks(params, tokens, mask):
-        logits, cache = core.forward(params, tokens, model.cfg, attention_mask=mask, logit_positions=last,
-                                     capture=("resid_pre",))
-        resid = jnp.take_along_axis(cache["resid_pre"], last[None, :, :, None], axis=2)[:, :, 0]  # [L,B,D]
-        lens = jnp.concatenate([core.unembed(model.cfg, params, resid), logits[None, :, 0]])  # [L+1,B,V]
-        answer = jnp.take_along_axis(lens, answers[None, :, None], axis=2)
-        return (lens > answer).sum(-1)
 
-    return np.asarray(ranks(model.params, tokens, mask))
+@partial(jax.jit, static_argnames="cfg")
+def _lens_ranks(params, resid, logits, answers, cfg):
+    """Ranks [L+1,B] of answers [B] among the unembedded resid [L,B,D] and the output logits [B,V]."""
+    lens = jnp.concatenate([core.unembed(cfg, params, resid), logits[None]])  # [L+1,B,V]
+    answer = jnp.take_along_axis(lens, answers[None, :, None], axis=2)
+    return (lens > answer).sum(-1)
 
 
 def main(argv=None) -> int:
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     cfg = model.cfg
     print(f"{args.model}: {cfg.family}, {cfg.n_layers} layers, d_model {cfg.d_model}, loaded in {loaded:.1f}s")
     start = time.perf_counter()
-    logits = np.asarray(model.next_token_logits(prompts), np.float64)
+    logits = np.asarray(logits_after(model, prompts), np.float64)
     elapsed = time.perf_counter() - start
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)

@@ -10,24 +10,18 @@ per-prompt results, so no sweep program spans hosts.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxedit.edit import losses
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import activation_patching
 from jaxedit.localize.corruptions import PromptPairs
 from jaxedit.models.config import ModelConfig
+from jaxedit.readout import read_jit
 from jaxedit.sharding.mesh import DEFAULT_RULES, MeshSpec, make_mesh, param_shardings, shard_batch, shard_params
 from jaxedit.sharding.multihost import gather, gather_slices, process_slice
-
-
-@functools.partial(jax.jit, static_argnames="cfg")
-def _last_logits(params, tokens, attention_mask, cfg):
-    return losses.last_logits(params, cfg, tokens, attention_mask)
 
 
 def last_logits(params: dict, cfg: ModelConfig, tokens, attention_mask, mesh: Mesh, rules=DEFAULT_RULES) -> np.ndarray:
@@ -38,7 +32,7 @@ def last_logits(params: dict, cfg: ModelConfig, tokens, attention_mask, mesh: Me
     params = shard_params(params, param_shardings(cfg, mesh, rules))
     tokens, attention_mask = shard_batch(mesh, (np.asarray(tokens, np.int32), np.asarray(attention_mask, np.int32)),
                                          rules)
-    return gather(_last_logits(params, tokens, attention_mask, cfg))
+    return gather(read_jit(params, cfg, tokens, attention_mask, ("logits",))["logits"])[:, 0]
 
 
 def patching_sweep(params: dict, cfg: ModelConfig, clean, corrupt=None, attention_mask=None, *, spec: MeshSpec,

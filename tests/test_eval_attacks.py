@@ -21,6 +21,8 @@ from jaxedit.attacks.soft_prompt import SoftPromptSettings
 from jaxedit.experiment import Settings, prepare, run_experiment
 from jaxedit.localize.pipeline import LocalizeSettings
 from jaxedit.tasks import DataSettings, EvalSettings
+from jaxedit.localize.fact_lookup import subject_last_tokens
+from jaxedit.readout import logits_after, resid_at
 from jaxedit.tasks.sports import COLUMNS, SportsTask
 
 
@@ -58,7 +60,7 @@ def test_evaluate_sports_equals_softmax_of_candidate_logits(smol, team):
     forget, maintain = team[:3], team[3:5]
     got = evaluate_sports(smol, forget, maintain, formats=("qa", "mcq_fact"))
     for fmt in ("qa", "mcq_fact"):
-        logits = np.asarray(smol.next_token_logits([sports.prompt(f.athlete, fmt) for f in forget + maintain]))
+        logits = logits_after(smol, [sports.prompt(f.athlete, fmt) for f in forget + maintain])
         ids = [smol.tokenizer.encode(a, add_special_tokens=False)[0] for a in sports.answers(fmt)]
         probs = [_softmax(row[ids].tolist()) for row in logits]
         true = [sports.SPORTS.index(f.sport) for f in forget + maintain]
@@ -69,10 +71,10 @@ def test_evaluate_sports_equals_softmax_of_candidate_logits(smol, team):
         assert got[f"{fmt}/maintain_argmax"] == np.mean([np.argmax(probs[i]) == true[i] for i in (3, 4)])
 
 
-def test_resid_pre_at_is_hidden_state_at_subject_last_token(smol, team):
+def test_resid_at_is_hidden_state_at_subject_last_token(smol, team):
     facts = [team[0], team[7]]
     prompts, subjects = [sports.prompt(f.athlete) for f in facts], [f.athlete for f in facts]
-    got = latent.resid_pre_at(smol, prompts, subjects)
+    got = resid_at(smol.cfg, smol.params, *subject_last_tokens(smol.tokenizer, prompts, subjects))
     assert got.shape == (smol.cfg.n_layers, 2, smol.cfg.d_model)
     for i, (prompt, subject) in enumerate(zip(prompts, subjects)):  # one unpadded prompt at a time
         ids, offsets = smol.tokenizer.encode_with_offsets(prompt)

@@ -11,6 +11,7 @@ from jaxedit.interventions import one_layer_edit
 from jaxedit.localize import fact_lookup as flu
 from jaxedit.localize.path_patching import enrichment_mlp_scores, extraction_head_scores
 from jaxedit.localize.probes import probe_accuracy, train_test_rows
+from jaxedit.readout import resid_at
 from tiny_models import VOCAB, save_hf_model
 
 # ---------------------------------------------------------------- probes
@@ -213,9 +214,9 @@ def test_locate_runs_the_pipeline(setup):
     assert arrays["enrichment_mlps"].meta["layers"] == list(result.layers)
 
 
-def test_residual_at_gathers_each_rows_position(setup, reference):
+def test_resid_at_gathers_each_rows_position(setup, reference):
     model, clean, _, mask, _, _ = setup
     index = np.array([7, 5, 3, 6])
-    feats = flu.residual_at(model.cfg, model.params, clean, mask, index, batch_size=3)
+    feats = resid_at(model.cfg, model.params, clean, mask, index, "resid_post", batch_size=3)
     expected = reference[2]["resid_post"][:, np.arange(4), index]
     np.testing.assert_allclose(feats, expected, atol=1e-5)

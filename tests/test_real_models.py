@@ -6,6 +6,7 @@ import torch
 
 import jaxedit
 from conftest import hf_gguf_reference
+from jaxedit.readout import logits_after
 
 PROMPTS = [f"Fact: {name} plays the sport of" for name in (
     "Michael Jordan", "Tom Brady", "Babe Ruth", "Tiger Woods", "LeBron James", "Derek Jeter", "Peyton Manning",
@@ -31,7 +32,7 @@ def pair(request):
 def test_last_token_logits_match_transformers_gguf(pair):
     model, hf, hf_tokenizer = pair
     assert len(PROMPTS) >= 20
-    ours = np.asarray(model.next_token_logits(PROMPTS))  # one right-padded batch
+    ours = logits_after(model, PROMPTS)  # one right-padded batch
     for prompt, row in zip(PROMPTS, ours):
         ids = hf_tokenizer(prompt, return_tensors="pt").input_ids  # each prompt alone, unpadded
         assert model.tokenizer.encode(prompt) == ids[0].tolist()
@@ -43,5 +44,5 @@ def test_last_token_logits_match_transformers_gguf(pair):
 
 def test_gemma_knows_michael_jordan_plays_basketball():
     model = jaxedit.load("gemma-3-270m")
-    logits = model.next_token_logits(["Fact: Michael Jordan plays the sport of"])
+    logits = logits_after(model, ["Fact: Michael Jordan plays the sport of"])
     assert model.tokenizer.decode([int(logits[0].argmax())]) == " basketball"

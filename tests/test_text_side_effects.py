@@ -15,6 +15,7 @@ from jaxedit.data import text
 from jaxedit.errors import JaxeditError
 from jaxedit.eval import side_effects
 from jaxedit.models.decode import decode_step, generate, sample_inverse_cdf
+from jaxedit.readout import logits_after
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0-3, as in the tiny HF configs
 WORDS = ("A B C D . , : ? Answer The following are multiple choice questions with answers about abstract algebra "
@@ -328,7 +329,7 @@ def test_mmlu_accuracy_equals_question_loop(gemma3, tmp_path, k_shot, limit):
     asked = [(subject, row, answer) for subject, rows in MMLU.items()
              for row, answer in list(zip(rows, ANSWERS[subject]))[:limit]]
     prompts = [_reference_prompt(subject, row, DEV[subject][:k_shot]) for subject, row, _ in asked]
-    logits = np.asarray(gemma3.next_token_logits(prompts, params=edited))  # one padded batch, in file order
+    logits = logits_after(gemma3, prompts, params=edited)  # one padded batch, in file order
     hits = ["ABCD"[int(np.argmax(row[letter_ids]))] == answer for row, (_, _, answer) in zip(logits, asked)]
     per_subject = {s: float(np.mean([h for h, (subject, _, _) in zip(hits, asked) if subject == s])) for s in MMLU}
     assert got["questions"] == len(hits) == (5 if limit is None else 4)

@@ -32,9 +32,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxedit.data.batching import bucket_length, first_tokens, padded_batches
+from jaxedit.data.batching import bucket_length, cycling_order, first_tokens, fixed_batches
 from jaxedit.errors import JaxeditError
-from jaxedit.models import core
+from jaxedit.readout import read, read_prompts
 from jaxedit.tokenizer import pad
 
 KINDS = ("attention", "prefix")
@@ -106,42 +106,22 @@ def attention_delta(adversary: dict, x: jax.Array) -> jax.Array:
     return weights @ v @ adversary["w_o"]
 
 
-def adversarial_embed(cfg, params: dict, adversary: dict, tokens: jax.Array, ctx: core.Context,
-                      slots: jax.Array) -> jax.Array:
-    """Embeddings [B,T,D] with one adversary (no R axis) applied to the raw token rows.
+def adversary_rows(adversary: dict, slots: jax.Array, x: jax.Array) -> jax.Array:
+    """Raw token-embedding rows x [B,T,D] with one adversary (no R axis) applied: the `core.embed` hook.
 
     slots [B,T]: index of the prefix vector at each position, -1 elsewhere (ignored by 'attention').
-    Then Gemma's sqrt(D) scale and learned positions, as in `core.embed`.
     """
-    table = params["embed"]["tokens"]
-    x = jnp.take(table, tokens, axis=0)
     if "vectors" in adversary:
         inserted = jnp.take(adversary["vectors"], jnp.maximum(slots, 0), axis=0).astype(x.dtype)
-        x = jnp.where((slots >= 0)[..., None], inserted, x)
-    else:
-        x = x + attention_delta(adversary, x).astype(x.dtype)
-    if cfg.embed_scale != 1.0:
-        x = x * jnp.asarray(cfg.embed_scale, table.dtype)
-    if cfg.learned_positions:
-        x = x + jnp.take(params["embed"]["positions"], ctx.positions, axis=0)
-    return x
-
-
-def attacked_logits(cfg, params: dict, adversary: dict, tokens: jax.Array, mask: jax.Array, slots: jax.Array,
-                    logit_positions: jax.Array) -> jax.Array:
-    """Logits [B,P,V] at logit_positions [B,P] with one adversary; tokens, mask, slots [B,T]."""
-    ctx = core.make_context(cfg, mask)
-    x = adversarial_embed(cfg, params, adversary, tokens, ctx, slots)
-    x, _ = core.run_layers(cfg, params["layers"], core.layer_constants(cfg), x, ctx, {}, ())
-    x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
-    return core.unembed(cfg, params, x)
+        return jnp.where((slots >= 0)[..., None], inserted, x)
+    return x + attention_delta(adversary, x).astype(x.dtype)
 
 
 def _label_nll(adversary, params, batch, cfg) -> tuple[jax.Array, jax.Array]:
     """(sum of -log p(label token), number of label tokens) of one batch {'tokens','mask','slots' [B,T],
     'positions','targets','weights' [B,P]}."""
-    logits = attacked_logits(cfg, params, adversary, batch["tokens"], batch["mask"], batch["slots"],
-                             batch["positions"])
+    logits = read(params, cfg, batch["tokens"], batch["mask"], ("logits",), batch["positions"],
+                  embed_hook=partial(adversary_rows, adversary, batch["slots"]))["logits"]
     logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
     picked = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     weights = batch["weights"].astype(picked.dtype)
@@ -231,8 +211,11 @@ def train_adversary(model, params, prompts: list[str], labels: list[str],
     adversary = init_adversary(model.cfg.d_model, settings, seed)
     data = _label_data(model.tokenizer, prompts, labels, _n_slots(adversary))
     n, need = len(prompts), settings.steps * settings.batch_size
-    orders = np.stack([np.concatenate([np.random.default_rng((seed, r, 1)).permutation(n)
-                                       for _ in range(-(-need // n))])[:need] for r in range(settings.restarts)])
+
+    def shuffle(r):  # restart r's seeded shuffle, the same in every cycle
+        return lambda k: np.random.default_rng((seed, r, 1)).permutation(k)
+
+    orders = np.stack([cycling_order(shuffle(r), n, need) for r in range(settings.restarts)])
     opt_state = jax.vmap(_optimizer(settings.lr, settings.grad_clip).init)(adversary)
     scalars = [jnp.float32(v) for v in (settings.lr, settings.grad_clip, settings.eps)]
     for step in tqdm(range(settings.steps), file=sys.stderr, disable=not progress,
@@ -249,74 +232,41 @@ def attack_loss(model, params, adversary: dict, prompts: list[str], labels: list
     params = model.params if params is None else params
     data = _label_data(model.tokenizer, prompts, labels, _n_slots(adversary))
     total = count = 0.0
-    for start in range(0, len(prompts), batch_size):
-        rows = np.arange(start, start + batch_size) % len(prompts)  # constant shape; repeats get weight 0
+    for _, rows, n_real in fixed_batches(len(prompts), batch_size):
         batch = {key: value[rows] for key, value in data.items()}
-        batch["weights"] = batch["weights"] * (np.arange(start, start + batch_size) < len(prompts))[:, None]
+        batch["weights"] = batch["weights"] * (np.arange(batch_size) < n_real)[:, None]  # repeats count 0
         sums, counts = _nll_sums(params, adversary, jax.tree.map(jnp.asarray, batch), model.cfg)
         total, count = total + np.asarray(sums), count + np.asarray(counts)
     return total / count
 
 
-@partial(jax.jit, static_argnames="cfg")
-def _last_logits(params, adversary, tokens, mask, slots, cfg):
-    """Float32 logits [R,B,V] at each row's last real position."""
-    last = core.last_positions(mask)
-    logits = jax.vmap(lambda adv: attacked_logits(cfg, params, adv, tokens, mask, slots, last)[:, 0])(adversary)
-    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-
-
-@jax.jit
-def _candidate_head(logits, candidates):
-    """[R,B,C] softmax over the candidates' columns of logits [R,B,V]."""
-    return jax.nn.softmax(logits[..., candidates], axis=-1)
-
-
-@jax.jit
-def _token_head(logits, ids):
-    """[R,B] full-vocabulary probability of token ids [B] under logits [R,B,V]."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.exp(jnp.take_along_axis(logp, jnp.broadcast_to(ids[None, :, None], logp.shape[:2] + (1,)), -1)[..., 0])
-
-
-def _over_batches(model, adversary, prompts, batch_size, padding_side, fn) -> np.ndarray:
-    """Run fn(tokens, mask, slots, rows) on constant-shape batches; concatenate its [R,B,...] outputs over N."""
+def _attacked_reads(model, params, adversary, prompts, reads, batch_size, padding_side="right", **kwargs) -> dict:
+    """`readout.read_prompts` at the last token of each prompt (+ slots) under every restart: {read: [R,N,...]}."""
     rows, slots = _with_slots(model.tokenizer, prompts, _n_slots(adversary))
-    out = []
-    batches = zip(padded_batches(rows, model.tokenizer.pad_token_id, batch_size, padding_side),
-                  padded_batches(slots, -1, batch_size, padding_side))
-    for (start, ids, mask), (_, slot_ids, _) in batches:
-        index = np.minimum(np.arange(start, start + batch_size), len(prompts) - 1)
-        result = fn(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(slot_ids), index)
-        out.append(np.asarray(result)[:, :min(batch_size, len(prompts) - start)])
-    return np.concatenate(out, axis=1)
+    return read_prompts(model, rows, reads, params=params, batch_size=batch_size, padding_side=padding_side,
+                        hook=adversary_rows, adversaries=adversary, slots=slots, **kwargs)
 
 
 def attacked_last_logits(model, params, adversary: dict, prompts: list[str], batch_size: int = 32,
                          padding_side: str = "right") -> np.ndarray:
     """[R,N,V] float32 logits of the token after each prompt with each restart's adversary."""
-    params = model.params if params is None else params
-    return _over_batches(model, adversary, prompts, batch_size, padding_side,
-                         lambda t, m, s, _: _last_logits(params, adversary, t, m, s, model.cfg))
+    logits = _attacked_reads(model, params, adversary, prompts, ("logits",), batch_size, padding_side)["logits"]
+    return logits[:, :, 0].astype(np.promote_types(logits.dtype, np.float32))
 
 
 def attacked_candidate_probs(model, params, adversary: dict, prompts: list[str], answers: list[str],
                              batch_size: int = 32) -> np.ndarray:
-    """[R,N,C] probability of each answer's first token, softmax over the C answers (as eval/candidates.py)."""
-    params = model.params if params is None else params
+    """[R,N,C] probability of each answer's first token, softmax over the C answers (as `readout.candidate_probs`)."""
     candidates = jnp.asarray(first_tokens(model.tokenizer, answers))
-    return _over_batches(model, adversary, prompts, batch_size, "right",
-                         lambda t, m, s, _: _candidate_head(_last_logits(params, adversary, t, m, s, model.cfg),
-                                                            candidates))
+    got = _attacked_reads(model, params, adversary, prompts, ("candidates",), batch_size, columns=candidates)
+    return got["candidates"][:, :, 0]
 
 
 def attacked_token_probs(model, params, adversary: dict, prompts: list[str], token_ids,
                          batch_size: int = 32) -> np.ndarray:
     """[R,N] full-vocabulary probability of token_ids [N] after each prompt (CounterFact's P(target))."""
-    params = model.params if params is None else params
     token_ids = np.asarray(token_ids, np.int32)
     if token_ids.shape != (len(prompts),):
         raise JaxeditError(f"got {token_ids.shape} token ids for {len(prompts)} prompts: give one id per prompt")
-    return _over_batches(model, adversary, prompts, batch_size, "right",
-                         lambda t, m, s, rows: _token_head(_last_logits(params, adversary, t, m, s, model.cfg),
-                                                           jnp.asarray(token_ids[rows])))
+    got = _attacked_reads(model, params, adversary, prompts, ("log_probs",), batch_size, ids=token_ids[:, None])
+    return np.asarray(jnp.exp(got["log_probs"][:, :, 0, 0]))  # XLA's exp, as in the jitted read

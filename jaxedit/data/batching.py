@@ -22,13 +22,26 @@ def bucket_length(n_tokens: int) -> int:
     return max(MIN_BUCKET, -(-max(n_tokens, 1) // step) * step)
 
 
+def fixed_batches(n: int, batch_size: int):
+    """Yield (start, rows [batch_size] int, n_real) over n rows: indices start.., past n-1 repeated as n-1.
+
+    Every batch has the same shape (one compile); outputs of the n_real first rows are the real ones.
+    """
+    for start in range(0, n, batch_size):
+        yield start, np.minimum(np.arange(start, start + batch_size), n - 1), min(batch_size, n - start)
+
+
 def padded_batches(rows: list[list[int]], pad_id: int, batch_size: int, padding_side: str = "right"):
-    """Yield (start index, ids [B,T], mask [B,T]) with T a bucket length and B = batch_size (last batch padded with copies)."""
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # constant batch shape: one compile
+    """Yield (start, rows [B] int, n_real, ids [B,T], mask [B,T]) of `fixed_batches`, T a bucket length of the batch."""
+    for start, index, n_real in fixed_batches(len(rows), batch_size):
+        chunk = [rows[i] for i in index]
         ids, mask = pad(chunk, pad_id, padding_side, bucket_length(max(len(r) for r in chunk)))
-        yield start, ids, mask
+        yield start, index, n_real, ids, mask
+
+
+def cycling_order(permutation, n: int, need: int) -> np.ndarray:
+    """[need] row indices: shuffles `permutation(n)` (e.g. a seeded `rng.permutation`) one after another."""
+    return np.concatenate([permutation(n) for _ in range(-(-need // n))])[:need]
 
 
 def first_tokens(tokenizer, answers: list[str]) -> np.ndarray:
@@ -55,7 +68,7 @@ class PromptBatches:
         need = batch_size * n_batches
         self.batch_size, self.data = batch_size, {}
         for key, (rows, target) in encoded.items():
-            order = np.concatenate([rng.permutation(len(rows)) for _ in range(-(-need // len(rows)))])
+            order = cycling_order(rng.permutation, len(rows), need)
             tokens, mask = pad(rows, tokenizer.pad_token_id, "right", length)
             self.data[key] = (tokens, mask, target, order)
 

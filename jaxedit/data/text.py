@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.data.batching import cycling_order, fixed_batches
 from jaxedit.errors import JaxeditError
 from jaxedit.io import staged
 from jaxedit.models import registry
@@ -140,12 +141,11 @@ def sample_text(model, n: int, ctx: int = 64, seed: int = 0, temperature: float 
     stop = {i for i in (tok.eos_token_id if tok else None, model.cfg.eos_token_id) if i is not None}
     stop_ids = jnp.asarray(sorted(stop) or [-1], jnp.int32)
     pad_id = tok.pad_token_id if tok else model.cfg.pad_token_id or 0
-    rows = -(-n // batch_size) * batch_size
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(rows))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(n))
     buffer = np.full((batch_size, ctx), pad_id, np.int32)
     buffer[:, :len(prefix)] = prefix
-    out = [generate(model.params, buffer, len(prefix), keys[i:i + batch_size], stop_ids, pad_id, model.cfg,
-                    float(temperature)) for i in range(0, rows, batch_size)]
+    out = [generate(model.params, buffer, len(prefix), keys[rows], stop_ids, pad_id, model.cfg, float(temperature))
+           for _, rows, _ in fixed_batches(n, batch_size)]  # the last batch's repeats are cut below
     tokens = np.concatenate([np.asarray(t) for t, _ in out])[:n]
     mask = np.concatenate([np.asarray(m) for _, m in out])[:n]
     if path is not None:
@@ -187,7 +187,7 @@ def lm_batches(tokens, mask, batch_size: int, n_batches: int, seed: int = 0):
         raise JaxeditError(f"tokens {tokens.shape} and mask {mask.shape} must be one non-empty [N,T] shape")
     rng = np.random.default_rng(seed)
     need = batch_size * n_batches
-    order = np.concatenate([rng.permutation(len(tokens)) for _ in range(-(-need // len(tokens)))])[:need]
+    order = cycling_order(rng.permutation, len(tokens), need)
 
     def batch(i: int) -> dict:
         rows = order[(i % n_batches) * batch_size:(i % n_batches + 1) * batch_size]

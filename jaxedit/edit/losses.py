@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxedit.models import core
+from jaxedit.readout import read
 
 UNLEARN_THRESHOLD = -5.0
 
@@ -69,10 +70,8 @@ def kl_loss(reference_logits: jax.Array, logits: jax.Array, attention_mask: jax.
 
 
 def last_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False) -> jax.Array:
-    """Logits [B,V] after each prompt, unembedding only the last real position."""
-    logits, _ = core.forward(params, tokens, cfg, attention_mask=attention_mask,
-                             logit_positions=core.last_positions(attention_mask), remat=remat)
-    return logits[:, 0]
+    """Logits [B,V] after each prompt, unembedding only the last real position (`readout.read`)."""
+    return read(params, cfg, tokens, attention_mask, ("logits",), remat=remat)["logits"][:, 0]
 
 
 def next_token_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array,

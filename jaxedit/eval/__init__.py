@@ -1,1 +1,1 @@
-"""Evaluation: candidate probabilities ("continuous accuracy"), formats, probes, side effects."""
+"""Evaluation: the paper's metrics per format, probes, side effects (candidate probabilities: `jaxedit.readout`)."""

@@ -16,44 +16,12 @@ Facts without an MCQ drop out of the MCQ metrics; a metric with no prompts is Na
 
 from __future__ import annotations
 
-from functools import partial
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.data.batching import first_tokens, padded_batches
+from jaxedit.data.batching import first_tokens
 from jaxedit.data.counterfact import MCQ_ANSWERS, CounterFactFact, mcq_prompt
 from jaxedit.errors import JaxeditError
-from jaxedit.models import core
-
-
-@partial(jax.jit, static_argnames="cfg")
-def _last_log_probs(params, tokens, mask, ids, cfg):
-    logits, _ = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=core.last_positions(mask))
-    logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, ids, axis=1), logp.argmax(-1)
-
-
-def token_log_probs(model, prompts: list[str], ids, params=None, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Full-vocabulary log-probs [N,C] of token ids [N,C] after each prompt, and the argmax token [N].
-
-    One jitted program per length bucket; right padding, read at the last real position.
-    """
-    params = model.params if params is None else params
-    ids = np.asarray(ids, np.int32)
-    logp = np.zeros(ids.shape, np.float32)
-    top = np.zeros(len(prompts), np.int64)
-    if not prompts:
-        return logp, top
-    batch_size = min(batch_size, len(prompts))
-    rows = [model.tokenizer.encode(p) for p in prompts]
-    for start, tokens, mask in padded_batches(rows, model.tokenizer.pad_token_id, batch_size):
-        n = min(batch_size, len(prompts) - start)
-        chunk = np.concatenate([ids[start:start + n], np.repeat(ids[start + n - 1:start + n], batch_size - n, 0)])
-        got, best = _last_log_probs(params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(chunk), model.cfg)
-        logp[start:start + n], top[start:start + n] = np.asarray(got)[:n], np.asarray(best)[:n]
-    return logp, top
+from jaxedit.readout import token_log_probs
 
 
 def known_facts(model, facts: list[CounterFactFact], threshold: float = 0.5, params=None,

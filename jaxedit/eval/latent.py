@@ -23,7 +23,7 @@ from jaxedit.data import sports
 from jaxedit.errors import JaxeditError
 from jaxedit.localize.fact_lookup import subject_last_tokens
 from jaxedit.localize.probes import fit_probe, train_test_rows
-from jaxedit.models import core
+from jaxedit.readout import resid_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,25 +33,6 @@ class LatentResult:
     maintain_test: np.ndarray  # held-out maintain athletes, true sport
     forget_ground_truth: np.ndarray  # forget athletes, prediction == original sport
     forget_edit: np.ndarray  # forget athletes, prediction == injected sport
-
-
-@partial(jax.jit, static_argnames="cfg")
-def _resid_pre_at(params, tokens, mask, index, cfg):
-    _, cache = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=index[:, None],
-                            capture=("resid_pre",))
-    return jnp.take_along_axis(cache["resid_pre"], index[None, :, None, None], axis=2)[:, :, 0]
-
-
-def resid_pre_at(model, prompts: list[str], subjects: list[str], params=None, batch_size: int = 32) -> np.ndarray:
-    """resid_pre [L,N,D] of every layer at each prompt's subject-last token (constant batch shape)."""
-    params = model.params if params is None else params
-    ids, mask, index = subject_last_tokens(model.tokenizer, prompts, subjects, padding_side="left")
-    n, size = len(prompts), min(batch_size, len(prompts))
-    out = []
-    for start in range(0, n, size):
-        rows = np.arange(start, start + size) % n
-        out.append(_resid_pre_at(params, ids[rows], mask[rows], index[rows], model.cfg)[:, : n - start])
-    return np.asarray(jnp.concatenate(out, axis=1), np.float32)
 
 
 @partial(jax.jit, static_argnames=("n_classes", "steps"))
@@ -93,7 +74,8 @@ def latent_knowledge(model, forget: list, maintain: list, *, params=None, seed: 
     if any(f.sport not in sports.TEAM_SPORTS or getattr(f, inject_field) not in sports.TEAM_SPORTS for f in forget) \
             or any(f.sport not in sports.TEAM_SPORTS for f in maintain):
         raise JaxeditError("latent probing classifies the three team sports: drop golfers and golf injections")
-    x = resid_pre_at(model, [sports.prompt(f.athlete) for f in facts], [f.athlete for f in facts], params)
+    tokens = subject_last_tokens(model.tokenizer, [sports.prompt(f.athlete) for f in facts], [f.athlete for f in facts])
+    x = np.asarray(resid_at(model.cfg, model.params if params is None else params, *tokens), np.float32)
     label = lambda rows, field: np.array([sports.TEAM_SPORTS.index(getattr(f, field)) for f in rows])  # noqa: E731
     n = len(maintain)
     return probe_edit(x[:, :n], label(maintain, "sport"), x[:, n:], label(forget, "sport"),

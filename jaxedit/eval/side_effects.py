@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.data.batching import fixed_batches
 from jaxedit.errors import JaxeditError
-from jaxedit.eval.candidates import candidate_probs
 from jaxedit.models import core
+from jaxedit.readout import candidate_probs
 
 LETTERS = ("A", "B", "C", "D")
 MMLU_LAYOUT = ("<dir>/test/<subject>_test.csv (and <dir>/dev/<subject>_dev.csv for k-shot), no header, "
@@ -48,18 +49,16 @@ def general_text_metrics(model, tokens, mask, params=None, reference_params=None
     reference_params also the mean per-position KL(reference || params) over real positions.
 
     params default to model.params. Returns {'ce', 'accuracy', 'tokens' (real next tokens scored)}
-    and 'kl'. Batches of batch_size rows (the last padded with masked rows): one compile.
+    and 'kl'. `fixed_batches` of batch_size rows (repeats masked out): one compile.
     """
     tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
     if tokens.ndim != 2 or tokens.shape != mask.shape or not len(tokens):
         raise JaxeditError(f"tokens {tokens.shape} and mask {mask.shape} must be one non-empty [N,T] shape")
     params = model.params if params is None else params
     total = None
-    for start in range(0, len(tokens), batch_size):
-        ids, m = tokens[start:start + batch_size], mask[start:start + batch_size]
-        fill = batch_size - len(ids)
-        ids, m = np.pad(ids, ((0, fill), (0, 0))), np.pad(m, ((0, fill), (0, 0)))
-        sums = _text_sums(params, reference_params, jnp.asarray(ids), jnp.asarray(m), model.cfg)
+    for _, rows, n_real in fixed_batches(len(tokens), batch_size):
+        m = mask[rows] * (np.arange(batch_size) < n_real)[:, None]  # repeated rows masked out
+        sums = _text_sums(params, reference_params, jnp.asarray(tokens[rows]), jnp.asarray(m), model.cfg)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
     n_next = max(float(total["n_next"]), 1.0)

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxedit.data import sports
 from jaxedit.errors import JaxeditError
-from jaxedit.eval.candidates import candidate_probs
+from jaxedit.readout import candidate_probs
 
 
 def accuracies(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -12,10 +12,6 @@ Axes: N examples, B batch, T positions, D d_model, L layers, H heads.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.errors import JaxeditError
@@ -23,8 +19,8 @@ from jaxedit.localize.artifacts import ScoreArray
 from jaxedit.localize.corruptions import resample_subjects, subject_positions
 from jaxedit.localize.path_patching import PathPatchResult, enrichment_mlp_scores, extraction_head_scores
 from jaxedit.localize.probes import ProbeResult, probe_accuracy
-from jaxedit.models import core
 from jaxedit.models.config import ModelConfig
+from jaxedit.readout import resid_at
 from jaxedit.tokenizer import pad
 
 _SPORTS = {"gemma-7b": range(2, 8), "gemma-2-9b": range(2, 7), "llama-3-8b": range(1, 5)}
@@ -62,28 +58,6 @@ def select_layers(mlp_scores, threshold: float = 0.02) -> tuple[np.ndarray, tupl
     mlp_scores = np.asarray(mlp_scores, np.float64)
     attr = mlp_scores - mlp_scores[-1]
     return attr, tuple(int(i) for i in np.flatnonzero(np.abs(attr) > threshold))
-
-
-@partial(jax.jit, static_argnames=("cfg",))
-def _residual_at(params, tokens, mask, index, cfg: ModelConfig):
-    _, cache = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=index[:, None],
-                            capture=("resid_post",))
-    return jnp.take_along_axis(cache["resid_post"], index[None, :, None, None], axis=2)[:, :, 0]
-
-
-def residual_at(cfg: ModelConfig, params, tokens, mask, index, batch_size: int = 64) -> np.ndarray:
-    """resid_post of every layer at one position per row: [L,N,D] from tokens/mask [N,T], index [N].
-
-    Rows run in batches of `batch_size` (the last batch padded, so one program serves all).
-    """
-    tokens, mask, index = np.asarray(tokens), np.asarray(mask), np.asarray(index)
-    n = tokens.shape[0]
-    size = min(batch_size, n)
-    out = []
-    for start in range(0, n, size):
-        rows = np.arange(start, start + size) % n
-        out.append(_residual_at(params, tokens[rows], mask[rows], index[rows], cfg)[:, : n - start])
-    return np.asarray(jnp.concatenate(out, axis=1))
 
 
 def subject_last_tokens(tokenizer, prompts: list[str], subjects: list[str], padding_side: str = "left"):
@@ -173,7 +147,7 @@ def fact_lookup(model, prompts: list[str], subjects: list[str], answer, others, 
         labels = np.asarray(labels)[probe_rows]
         subj = [subjects[i] for i in probe_rows]
         inputs = [subject_last_tokens(tok, [prompts[i] for i in probe_rows], subj), name_only_tokens(tok, subj)]
-        probes = [probe_accuracy(residual_at(cfg, params, *x, batch_size=batch_size), labels, seed=seed)
+        probes = [probe_accuracy(resid_at(cfg, params, *x, "resid_post", batch_size), labels, seed=seed)
                   for x in inputs]
     pairs = resample_subjects(tok, [prompts[i] for i in patch_rows], [subjects[i] for i in patch_rows], seed=seed)
     return locate(cfg, params, pairs.clean, pairs.corrupt, pairs.mask, np.asarray(answer)[patch_rows],

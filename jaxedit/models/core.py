@@ -147,19 +147,23 @@ def keys_values(cfg: ModelConfig, lp: dict, x: jax.Array, positions: jax.Array, 
 
 
 def attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: Sites,
-              prefix: KeysValues | None = None, rows: jax.Array | None = None) -> jax.Array:
+              prefix: KeysValues | None = None, rows: jax.Array | None = None, at=None) -> jax.Array:
     """Grouped-query attention of normalized input x [B,T,D]; returns z [B,T,H,E].
 
     prefix: keys and values of S earlier positions that x's rows also attend to; then x holds
-    positions S..S+T-1 and ctx's masks are [B,T,S+T] (`Context.rows`). rows: [B,Q] the only
-    query rows wanted (keys and values still come from every row); z is then [B,Q,H,E].
+    positions S..S+T-1 and ctx's masks are [B,T,S+T] (`Context.rows`). at: instead, x's keys and
+    values overwrite prefix rows at..at+T-1 (a decode cache of S slots; masks [B,T,S]). rows: [B,Q]
+    the only query rows wanted (keys and values still come from every row); z is then [B,Q,H,E].
     """
     q, k, v = _qkv(cfg, p, x, ctx.positions, inv_freq, site)
     allowed = jnp.where(is_local, ctx.allowed_local, ctx.allowed_global)
     if rows is not None:
         q = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
         allowed = jnp.take_along_axis(allowed, rows[:, :, None], axis=1)
-    if prefix is not None:
+    if prefix is not None and at is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(prefix.k, k.astype(prefix.k.dtype), at, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(prefix.v, v.astype(prefix.v.dtype), at, axis=1)
+    elif prefix is not None:
         k = jnp.concatenate([prefix.k.astype(k.dtype), k], axis=1)
         v = jnp.concatenate([prefix.v.astype(v.dtype), v], axis=1)
     b, t = q.shape[:2]
@@ -193,15 +197,15 @@ def _mlp(cfg: ModelConfig, p: dict, x: jax.Array, site: Sites) -> jax.Array:
 
 
 def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_local, site: Sites,
-          prefix: KeysValues | None = None, rows: jax.Array | None = None) -> jax.Array:
+          prefix: KeysValues | None = None, rows: jax.Array | None = None, at=None) -> jax.Array:
     """One decoder layer on residual x [B,T,D], with one layer's params `lp` (no L axis).
 
-    prefix: this layer's keys and values of earlier positions (see `attention`). rows: [B,Q] the
+    prefix, at: this layer's keys and values of other positions (see `attention`). rows: [B,Q] the
     only rows whose output is wanted: the layer returns [B,Q,D] (sites after attention see Q rows).
     """
     x = site("resid_pre", x)
     h = site("attn_in", _norm(cfg, lp["attn_norm"], x))
-    z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site, prefix, rows)
+    z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site, prefix, rows, at)
     if rows is not None:
         x = jnp.take_along_axis(x, rows[..., None], axis=1)
     attn_out = jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"])
@@ -217,10 +221,16 @@ def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_l
     return site("resid_post", x + site("mlp_out", mlp_out))
 
 
-def embed(cfg: ModelConfig, params: Params, tokens: jax.Array, ctx: Context) -> jax.Array:
-    """Token (+ learned position) embeddings [B,T,D], with Gemma's sqrt(D) scale."""
+def embed(cfg: ModelConfig, params: Params, tokens: jax.Array, ctx: Context, hook=None) -> jax.Array:
+    """Token (+ learned position) embeddings [B,T,D], with Gemma's sqrt(D) scale.
+
+    hook: a function [B,T,D] -> [B,T,D] of the raw table rows, applied before the scale and
+    positions (where a hook on HF's `embed_tokens` acts; the soft-prompt attacks).
+    """
     table = params["embed"]["tokens"]
     x = jnp.take(table, tokens, axis=0)
+    if hook is not None:
+        x = hook(x)
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, table.dtype)
     if cfg.learned_positions:
@@ -344,11 +354,13 @@ def forward(
     edits: dict[str, SiteEdit] | None = None,
     capture: tuple[str, ...] = (),
     remat: bool = False,
+    embed_hook=None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Logits and captured activations of a (padded) batch.
 
     tokens: [B,T] int. attention_mask: [B,T] (default all ones). logit_positions: [B,P] int
     indices to unembed (default: all T positions). edits: {site: SiteEdit}; capture: site names.
+    embed_hook: a function of the raw embedding rows (see `embed`).
     Returns (logits [B,P,V] or [B,T,V], {site: [L,B,T,...] or [B,T,D] for `embed`}).
     """
     check_sites(capture, "capture")
@@ -356,7 +368,7 @@ def forward(
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     ctx = make_context(cfg, attention_mask, positions)
-    x = apply_edit(embed(cfg, params, tokens, ctx), edits.get(EMBED_SITE))
+    x = apply_edit(embed(cfg, params, tokens, ctx, embed_hook), edits.get(EMBED_SITE))
     cache = {EMBED_SITE: x} if EMBED_SITE in capture else {}
     x, captured = run_layers(cfg, params["layers"], layer_constants(cfg), x, ctx, edits, tuple(capture), remat)
     cache.update(captured)

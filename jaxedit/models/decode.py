@@ -2,7 +2,7 @@
 
 Axes: B batch, T positions (the buffer), P prefix, D d_model, L layers, H query heads, K kv heads
 (H = K*G), E head_dim, V vocab. Every row shares the prefix length, so all rows decode position
-t together; the layer math is `core.block`'s with attention reading the cached keys and values
+t together; each layer is `core.block` with attention over the cached keys and values
 (checked against full forwards in the tests).
 """
 
@@ -17,51 +17,31 @@ from jaxedit.models import core
 from jaxedit.models.config import ModelConfig
 
 
-def _attend(cfg: ModelConfig, p: dict, x, cache_k, cache_v, t, inv_freq, is_local):
-    """Attention of normalized x [B,1,D] at position t over cache [B,T,K,E] (updated with t's key/value)."""
-    positions = jnp.full(x.shape[:2], t, jnp.int32)
-    q, k, v = core._qkv(cfg, p, x, positions, inv_freq, core.Sites({}, ()))
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), t, axis=1)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), t, axis=1)
-    b, _, n_kv, e = k.shape
-    q = q.reshape(b, 1, n_kv, cfg.n_heads // n_kv, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q, cache_k) * jnp.asarray(cfg.query_scale, q.dtype)
-    if cfg.attn_softcap:
-        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-    key = jnp.arange(cache_k.shape[1])
-    window = cfg.sliding_window or cache_k.shape[1] + 1
-    allowed = (key <= t) & (~is_local | (key > t - window))
-    f32 = core._wide(scores.dtype)
-    scores = jnp.where(allowed, scores.astype(f32), jnp.finfo(f32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    z = jnp.einsum("bkgts,bske->btkge", weights, cache_v).reshape(b, 1, cfg.n_heads, e)
-    return z, cache_k, cache_v
+def _step_context(cfg: ModelConfig, batch: int, length: int, t) -> core.Context:
+    """Context of one query at position t over a cache of `length` slots (masks [B,1,length])."""
+    key = jnp.arange(length)[None, None]
+    allowed = jnp.broadcast_to(key <= t, (batch, 1, length))
+    window = cfg.sliding_window or length + 1
+    return core.Context(jnp.full((batch, 1), t, jnp.int32), allowed, allowed & (key > t - window))
 
 
-def _layer(cfg: ModelConfig, x, scanned, t):
-    """`core.block` for one new position: residual x [B,1,D], this layer's weights and cache."""
+def _layer(cfg: ModelConfig, ctx: core.Context, t, x, scanned):
+    """`core.block` for the new position t: residual x [B,1,D], this layer's weights and cache [B,T,K,E]."""
     lp, inv_freq, is_local, cache_k, cache_v = scanned
-    h = core._norm(cfg, lp["attn_norm"], x)
-    z, cache_k, cache_v = _attend(cfg, lp["attn"], h, cache_k, cache_v, t, inv_freq, is_local)
-    attn_out = jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"])
-    if cfg.attn_bias:
-        attn_out = attn_out + lp["attn"]["bo"]
-    if cfg.post_norms:
-        attn_out = core._norm(cfg, lp["attn_post_norm"], attn_out)
-    x = x + attn_out
-    mlp_out = core._mlp(cfg, lp["mlp"], core._norm(cfg, lp["mlp_norm"], x), lambda name, act: act)
-    if cfg.post_norms:
-        mlp_out = core._norm(cfg, lp["mlp_post_norm"], mlp_out)
-    return x + mlp_out, (cache_k, cache_v)
+    new = core.keys_values(cfg, lp, x, ctx.positions, inv_freq)
+    cache = core.KeysValues(jax.lax.dynamic_update_slice_in_dim(cache_k, new.k.astype(cache_k.dtype), t, axis=1),
+                            jax.lax.dynamic_update_slice_in_dim(cache_v, new.v.astype(cache_v.dtype), t, axis=1))
+    x = core.block(cfg, lp, x, ctx, inv_freq, is_local, core.Sites({}, ()), prefix=cache, at=t)
+    return x, tuple(cache)
 
 
 def decode_step(cfg: ModelConfig, params: dict, token, t, cache):
     """Logits [B,V] after token [B] at position t; cache (keys, values) [L,B,T,K,E] -> updated cache."""
-    positions = jnp.full((token.shape[0], 1), t, jnp.int32)
-    x = core.embed(cfg, params, token[:, None], core.Context(positions, None, None))
+    ctx = _step_context(cfg, token.shape[0], cache[0].shape[2], t)
+    x = core.embed(cfg, params, token[:, None], ctx)
     consts = core.layer_constants(cfg)
-    x, cache = jax.lax.scan(partial(_layer, cfg, t=t), x,
-                            (params["layers"], consts.inv_freq, consts.is_local, *cache))
+    scanned = (params["layers"], consts.inv_freq, consts.is_local, *cache)
+    x, cache = jax.lax.scan(partial(_layer, cfg, ctx, t), x, scanned)
     return core.unembed(cfg, params, x[:, 0]), cache
 
 

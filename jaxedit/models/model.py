@@ -44,12 +44,6 @@ class Model:
         ids, mask = self.tokenizer(texts, padding_side=padding_side, length=length)
         return jnp.asarray(ids), jnp.asarray(mask)
 
-    def next_token_logits(self, texts: list[str], params=None) -> jax.Array:
-        """Logits [B,V] of the token after each prompt (right padding, last real position only)."""
-        tokens, mask = self.encode(texts)
-        logits, _ = self.forward(tokens, params, attention_mask=mask, logit_positions=core.last_positions(mask))
-        return logits[:, 0]
-
 
 @partial(jax.jit, static_argnames=("cfg", "capture", "remat"))
 def jitted_forward(params, tokens, cfg, **kwargs):

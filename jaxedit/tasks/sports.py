@@ -18,7 +18,7 @@ import numpy as np
 from jaxedit.data import sports
 from jaxedit.data.batching import first_tokens
 from jaxedit.errors import JaxeditError
-from jaxedit.eval.candidates import candidate_probs, known
+from jaxedit.readout import candidate_probs, known
 from jaxedit.eval.latent import latent_knowledge
 from jaxedit.eval.sports_eval import evaluate_sports
 from jaxedit.localize.pipeline import LocalizationInputs

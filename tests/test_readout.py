@@ -1,0 +1,84 @@
+"""The one readout (`jaxedit.readout`) agrees with full forwards; the fixed-shape batcher and cycling order."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxedit.data.batching import cycling_order, fixed_batches, padded_batches
+from jaxedit.interventions import SiteEdit
+from jaxedit.models import core
+from jaxedit.models.config import config_from_hf
+from jaxedit.models.params import init_params
+from jaxedit.readout import read, read_jit, resid_at
+
+CFG = config_from_hf(dict(model_type="gemma2", vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=4, sliding_window=3,
+                          max_position_embeddings=32, query_pre_attn_scalar=4, attn_logit_softcapping=5.0,
+                          final_logit_softcapping=3.0))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    params = init_params(CFG, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 40, (3, 7)), jnp.int32)
+    mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], jnp.int32)
+    return params, tokens, mask
+
+
+def test_reads_equal_full_forward(batch):
+    params, tokens, mask = batch
+    full, cache = core.forward(params, tokens, CFG, attention_mask=mask, capture=("resid_pre", "resid_post"))
+    last = np.array([6, 3, 1])
+    columns, ids = jnp.asarray([3, 9, 5]), jnp.asarray([[1, 2], [7, 7], [30, 0]])
+    got = read_jit(params, CFG, tokens, mask, ("logits", "candidates", "log_probs", "top"), columns=columns, ids=ids)
+    logits = np.asarray(full)[np.arange(3), last]  # [B,V]
+    np.testing.assert_allclose(got["logits"][:, 0], logits, atol=1e-5)
+    np.testing.assert_allclose(got["candidates"][:, 0], jax.nn.softmax(logits[:, [3, 9, 5]]), atol=1e-5)
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    np.testing.assert_allclose(got["log_probs"][:, 0], np.take_along_axis(logp, np.asarray(ids), 1), atol=1e-5)
+    np.testing.assert_array_equal(got["top"][:, 0], logp.argmax(-1))
+    positions = jnp.asarray([[0, 5], [3, 1], [1, 1]])
+    got = read_jit(params, CFG, tokens, mask, ("resid_pre", "resid_post"), positions)
+    for site in ("resid_pre", "resid_post"):
+        expected = np.asarray(cache[site])[:, np.arange(3)[:, None], np.asarray(positions)]
+        np.testing.assert_allclose(got[site], expected, atol=1e-5)
+
+
+def test_resid_at_batches_rows_like_one_batch(batch):
+    params, tokens, mask = batch
+    index = np.array([4, 2, 0])
+    whole = resid_at(CFG, params, tokens, mask, index, "resid_post", batch_size=3)
+    np.testing.assert_allclose(resid_at(CFG, params, tokens, mask, index, "resid_post", batch_size=2), whole,
+                               atol=1e-6)
+    assert whole.shape == (CFG.n_layers, 3, CFG.d_model)
+
+
+def test_embed_hook_is_applied_per_adversary(batch):
+    params, tokens, mask = batch
+    shift = jnp.stack([jnp.zeros(CFG.d_model), jnp.full(CFG.d_model, 0.3)])  # [R=2,D]
+    got = read_jit(params, CFG, tokens, mask, ("logits",), hook=lambda s, scale, x: x + scale * s,
+                   hook_args=(shift, jnp.float32(1.0)))["logits"]
+    plain = read(params, CFG, tokens, mask, ("logits",))["logits"]
+    np.testing.assert_allclose(got[0], plain, atol=1e-6)
+    edit = {"embed": SiteEdit(delta=0.3 * CFG.embed_scale)}
+    shifted, _ = core.forward(params, tokens, CFG, attention_mask=mask, edits=edit,
+                              logit_positions=core.last_positions(mask))
+    np.testing.assert_allclose(got[1], shifted, atol=1e-5)
+    assert not np.allclose(got[1], plain, atol=1e-3)
+
+
+def test_fixed_batches_repeat_the_last_row():
+    got = [(start, rows.tolist(), n) for start, rows, n in fixed_batches(5, 2)]
+    assert got == [(0, [0, 1], 2), (2, [2, 3], 2), (4, [4, 4], 1)]
+    (_, rows, n, ids, mask), = padded_batches([[5, 6, 7], [8]], pad_id=0, batch_size=3, padding_side="left")
+    assert rows.tolist() == [0, 1, 1] and n == 2 and ids.shape == mask.shape == (3, 16)
+    assert ids[1, -1] == ids[2, -1] == 8 and mask[1].sum() == 1
+
+
+def test_cycling_order_concatenates_seeded_shuffles():
+    rng, again = np.random.default_rng(3), np.random.default_rng(3)
+    order = cycling_order(rng.permutation, 4, 10)
+    expected = np.concatenate([again.permutation(4) for _ in range(3)])[:10]
+    np.testing.assert_array_equal(order, expected)
+    assert sorted(order[:4]) == sorted(order[4:8]) == [0, 1, 2, 3]
