@@ -14,7 +14,6 @@ import platform
 import resource
 import statistics
 import subprocess
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -217,13 +216,13 @@ def train_rows(name, model, p, matmul, repeats) -> tuple[list[dict], dict]:
     amask = jax.tree.map(lambda a: np.ones((1,) * a.ndim, bool), adapters)
     for task, label, tr, fr, m, lora in (("train_step", TRAIN_LABEL, trainable, frozen, tmask, None),
                                          ("lora_step", LORA_LABEL, adapters, params, amask, spec)):
-        opt = optim.masked_adamw(m, 1e-5, accumulate=1)
+        opt = optim.AdamWSpec()
         state = {"tr": jax.tree.map(jnp.copy, tr)}
         state["opt"] = opt.init(state["tr"])
 
         def step():
             state["tr"], state["opt"], out = train.train_step(state["tr"], fr, state["opt"], batch, cfg, weights, opt,
-                                                               m, None, lora)
+                                                               m, 1e-5, None, lora)
             first_losses.setdefault(task, float(out["loss"]))
             return out["loss"]
 

@@ -41,12 +41,12 @@ def train_batch(b=4, t=6, vocab=96, seed=1):
 
 def train_setup(cfg):
     """(mask, optimizer, loss weights): head 1.0 (+ its kv head), MLP of layer 2, wv of layer 0."""
-    from jaxedit.edit.optim import masked_adamw, trainable_part
+    from jaxedit.edit.optim import AdamWSpec
     from jaxedit.edit.train import LossWeights
     from jaxedit.localize import components as C
 
     mask = C.trainable_mask(C.Components.make(["head", "mlp", "wv"], [1, 2, 0], [0, -1, -1]), cfg)
-    return mask, masked_adamw(trainable_part(mask), 1e-2, weight_decay=0.1), LossWeights(forget=1.0)
+    return mask, AdamWSpec(weight_decay=0.1), LossWeights(forget=1.0)
 
 
 def run_train(params, cfg, batch, mesh=None):
@@ -68,7 +68,7 @@ def run_train(params, cfg, batch, mesh=None):
     if mesh is not None:
         shardings = like(trainable, param_shardings(cfg, mesh))
         state = jax.eval_shape(opt.init, trainable)
-        out_shardings = (shardings, opt_state_shardings(opt, state, shardings))
+        out_shardings = (shardings, opt_state_shardings(opt(trainable_part(mask), 1e-2), state, shardings))
         frozen, batch = shard_params(frozen, param_shardings(cfg, mesh)), shard_batch(mesh, batch)
     trainable, state = jax.jit(init, out_shardings=out_shardings)(trainable)
     adam = state[2][0]  # masked_adamw's state: (mask, clip, (adam, decay, lr), mask)
@@ -76,7 +76,7 @@ def run_train(params, cfg, batch, mesh=None):
     losses = []
     for _ in range(TRAIN_STEPS):
         trainable, state, metrics = train_step(trainable, frozen, state, batch, cfg, weights, opt,
-                                               trainable_part(mask))
+                                               trainable_part(mask), 1e-2)
         losses.append(float(metrics["loss"]))
     return trainable, np.array(losses), mu_shard
 

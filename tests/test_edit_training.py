@@ -9,10 +9,11 @@ import optax
 import pytest
 
 from jaxedit import Model
+from jaxedit.compilation import CompileCounter
 from jaxedit.edit import losses
 from jaxedit.edit.lora import apply_lora, init_lora
-from jaxedit.edit.optim import (cosine_schedule, masked_adamw, merge, split_trainable, trainable_part)
-from jaxedit.edit.train import LossWeights, TrainSettings, preset, train, train_step
+from jaxedit.edit.optim import AdamWSpec, cosine_schedule, masked_adamw, merge, split_trainable, trainable_part
+from jaxedit.edit.train import LoraSpec, LossWeights, TrainSettings, loss_terms, preset, train, train_step
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import components as C
 from jaxedit.localize.components import mask_leaves
@@ -88,6 +89,25 @@ def test_frozen_parameters_bit_identical_after_training(model, batch, dtype, ter
         assert np.array_equal(np.asarray(_get(model.params, path)), before_leaf)  # the model's own params untouched
 
 
+def test_masks_of_one_group_lrs_and_coefficients_share_one_compiled_step(model, batch):
+    """w_down of layer 0, then w_up + w_gate of layer 2 (other matrices of the same group), then neurons, with
+    other lrs and forget coefficients: one program; the matrices outside each mask keep their bits."""
+    masks = [C.trainable_mask(C.Components.make(kinds, layers, index), CFG) for kinds, layers, index in (
+        (["w_down"], [0], None), (["w_up", "w_gate"], [2, 2], None), (["neuron"] * 2, [1, 1], [3, 7]))]
+    base = jax.tree.map(np.asarray, model.params)
+    with CompileCounter() as counter:
+        for i, mask in enumerate(masks):
+            hp = TrainSettings(lr=1e-2 * (i + 1), forget_loss_coef=1.0 + i, maintain_coef=0.0, lm_coef=0.0,
+                               accumulate=1, steps=2, checkpoint_every=0)
+            edited = train(model, mask, lambda _: batch, hp, progress=False)
+            for path, m in mask_leaves(mask):
+                before, after = _get(base, path), np.asarray(_get(edited, path))
+                frozen = ~np.broadcast_to(m, before.shape)
+                assert np.array_equal(after[frozen], before[frozen]), path
+                assert np.any(m) == (not np.array_equal(after, before)), path
+    assert counter.counts["jit(_train_step)"] == 1
+
+
 def test_lora_changes_only_adapters(model, batch):
     base = jax.tree.map(np.asarray, model.params)
     hp = TrainSettings(lr=1e-2, lora_rank=2, lora_alpha=4.0, accumulate=1, steps=3)
@@ -99,6 +119,37 @@ def test_lora_changes_only_adapters(model, batch):
             assert np.array_equal(np.asarray(leaf), _get(base, path)), path
         else:
             assert not np.array_equal(np.asarray(leaf), _get(base, path)), path
+
+
+def test_lora_side_path_gives_the_merged_computations_loss_and_gradients(model, batch):
+    """Training's side path x·W + (x·sA)·B against the loss of the merged weights W + sA@B (an independent path)."""
+    spec = LoraSpec(3, 8.0)
+    adapters = init_lora(model.params, spec.rank, jax.random.key(2))
+    keys = iter(jax.random.split(jax.random.key(3), 2 * len(adapters)))
+    adapters = {name: {k: jax.random.normal(next(keys), v.shape) * 0.3 for k, v in ab.items()}
+                for name, ab in adapters.items()}
+    weights = LossWeights(forget=1.0, maintain=1.0, lm=1.0)
+
+    def side(ad):
+        return loss_terms(ad, model.params, batch, CFG, weights.objective(), weights.coefficients(), spec)[0]
+
+    def merged(ad):
+        params = apply_lora(model.params, ad, spec.alpha, spec.rank)
+        total = 0.0
+        for name in ("forget", "maintain"):
+            b = batch[name]
+            total += losses.cross_entropy(losses.last_logits(params, CFG, b["tokens"], b["mask"]), b["target"])
+        lm = batch["lm"]
+        return total + losses.lm_loss(losses.next_token_logits(params, CFG, lm["tokens"], lm["mask"]), lm["tokens"],
+                                      lm["mask"])
+
+    (got, got_grads), (want, want_grads) = jax.value_and_grad(side)(adapters), jax.value_and_grad(merged)(adapters)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for name in adapters:
+        for k in ("a", "b"):
+            g, w = np.asarray(got_grads[name][k]), np.asarray(want_grads[name][k])
+            assert np.abs(w).max() > 0, (name, k)
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=f"{name}.{k}")
 
 
 def test_lora_merged_view_is_w_plus_scaled_low_rank_map(model):
@@ -198,11 +249,11 @@ def test_accumulation_equals_one_step_on_the_joint_batch(model, batch):
         trainable, frozen = split_trainable(model.params, mask)
         trainable = jax.tree.map(jnp.copy, trainable)
         tmask = trainable_part(mask)
-        opt = masked_adamw(tmask, 1e-2, accumulate=k, clip_norm=None)
+        opt = AdamWSpec(clip_norm=None, accumulate=k)
         state = opt.init(trainable)
         for i, part in enumerate(parts):
             prev = jax.tree.map(np.asarray, trainable)
-            trainable, state, _ = train_step(trainable, frozen, state, part, CFG, weights, opt, tmask)
+            trainable, state, _ = train_step(trainable, frozen, state, part, CFG, weights, opt, tmask, 1e-2)
             if i < k - 1:
                 assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(prev),
                                                                              jax.tree.leaves(trainable)))

@@ -1,9 +1,9 @@
 """A sweep's grid reaches every unit: its row, the optimizers it builds, its results, its report.
 
-The CLI runs on a tiny random Llama with SmolLM2's tokenizer in a subprocess whose learning-rate
-schedules (the edit's and the relearning attack's) are spied on: the reference for "the unit
-trained with lr x" is the value its optimizer was built with, not the row that claims it. The
-sweeps share a persistent compilation cache (units differ in constants, not in programs).
+The CLI runs on a tiny random Llama with SmolLM2's tokenizer in a subprocess whose train steps (the
+edit's and the relearning attack's) are spied on: the reference for "the unit trained with lr x"
+is the lr each micro-step's optimizer used, not the row that claims it. The spy also counts the
+programs each unit builds: units differ in data, not in programs, so later units build none.
 """
 
 import json
@@ -46,15 +46,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SPIED_SWEEP = """
 import json, sys
 from jaxedit.attacks import relearn
+from jaxedit.compilation import CompileCounter
 from jaxedit.edit import train
+from jaxedit.sweep import runner
 from jaxedit.sweep.__main__ import main
 
-calls = {"edit": [], "relearn": []}
+calls = {"edit": [], "relearn": [], "compiles": []}
 for module, key in ((train, "edit"), (relearn, "relearn")):
-    def schedule(lr, *args, _real=module.cosine_schedule, _key=key, **kwargs):
-        calls[_key].append(lr)
-        return _real(lr, *args, **kwargs)
-    module.cosine_schedule = schedule
+    def step(*args, _real=module.train_step, _key=key):
+        calls[_key].append(float(args[8]))  # the lr the optimizer of this micro-step uses
+        return _real(*args)
+    module.train_step = step
+
+def run_unit(*args, _real=runner.run_unit):
+    with CompileCounter() as counter:
+        row = _real(*args)
+    calls["compiles"].append(dict(counter.counts))
+    return row
+runner.run_unit = run_unit
 code = main(sys.argv[2:])
 open(sys.argv[1], "w").write(json.dumps(calls))
 sys.exit(code)
@@ -63,7 +72,8 @@ sys.exit(code)
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """Run the CLI on a config file: (exit code, the learning rates its optimizers were built with)."""
+    """Run the CLI on a config file; returns {'edit', 'relearn': the lr of every micro-step of each in run order,
+    'compiles': per unit, {function: programs built}}."""
     xla = tmp_path_factory.mktemp("xla")
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(xla),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAXEDIT_CACHE=str(tmp_path_factory.mktemp("cache")))
@@ -87,15 +97,16 @@ def test_every_grid_point_runs_with_its_own_values(tiny_llama_dir, tmp_path, swe
     config = _config(tiny_llama_dir, tmp_path / "runs", grid=GRID)
     config["train"].pop("lr")
     calls = sweep(_write(tmp_path, config))
-    edit_lrs, relearn_lrs = calls["edit"], calls["relearn"]
     rows = sorted(_rows(tmp_path / "runs" / "grid"), key=lambda r: r["unit"])
-    assert len(rows) == 16 and len(edit_lrs) == 16 and len(relearn_lrs) == 16
+    assert len(rows) == 16 and len(calls["edit"]) == 2 * 16 and len(calls["relearn"]) == 16  # 2 steps, 1 step
+    edit_lrs, relearn_lrs = calls["edit"][::2], calls["relearn"]
+    assert edit_lrs == calls["edit"][1::2]
     # units run in `expand` order: the i-th optimizer belongs to the i-th unit of that order
     order = {u.id: i for i, u in enumerate(expand(load_config(_write(tmp_path, config))))}
     assert sorted(order) == [r["unit"] for r in rows]
     for row in rows:
         i = order[row["unit"]]
-        assert edit_lrs[i] == row["train.lr"] == row["lr"]  # the edit's optimizer got the point's lr
+        assert edit_lrs[i] == row["train.lr"] == row["lr"]  # the edit's optimizer used the point's lr
         assert relearn_lrs[i] == row["relearn.lr"]  # and the relearning attack's optimizer its own
         assert row["n_maintain_train"] == int(0.8 * row["data.max_maintain"])  # the data key reached the split
         assert ("probe_gt_last" in row) == row["eval.probes"]  # the evaluation key reached the evaluation
@@ -158,3 +169,17 @@ def test_a_preset_sets_lr_and_coefficient_per_localization(tiny_llama_dir, tmp_p
     rows = {r["localization"]: r for r in _rows(tmp_path / "runs" / "grid")}
     assert (rows["manual_interp"]["lr"], rows["manual_interp"]["forget_loss_coef"]) == (1e-5, 5)  # §4.4 table
     assert (rows["random"]["lr"], rows["random"]["forget_loss_coef"]) == (1e-5, 0.1)
+
+
+def test_units_build_no_program_an_earlier_unit_built(tiny_llama_dir, tmp_path, sweep):
+    """random_mlps trains another MLP layer than manual_interp before it: the same program, no new build at all;
+    localized_ap (attention, another trainable structure) builds its own edit step and reuses every other program."""
+    config = _config(tiny_llama_dir, tmp_path / "runs", localizations=["manual_interp", "random_mlps", "localized_ap"],
+                     soft_prompt={"steps": 2, "batch_size": 2, "restarts": 2, "n_vectors": 2})
+    first, same_groups, other_groups = sweep(_write(tmp_path, config))["compiles"]
+    step = "jit(_train_step)"  # the edit's, the relearning attack's (LoRA) and the soft prompt's
+    assert first[step] == 3 and first["jit(read_jit)"] >= 1 and first["jit(_probe_predictions)"] == 1
+    assert same_groups == {}
+    assert other_groups[step] == 1 and not {"jit(read_jit)", "jit(_probe_predictions)"} & set(other_groups)
+    rows = {r["localization"]: r for r in _rows(tmp_path / "runs" / "grid")}
+    assert rows["random_mlps"]["components"] != rows["manual_interp"]["components"]

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from jaxedit.data.batching import PromptBatches
 from jaxedit.edit.lora import init_lora
-from jaxedit.edit.optim import cosine_schedule, masked_adamw, split_trainable, trainable_part
-from jaxedit.edit.train import LoraSpec, LossWeights, full_params, train_step
+from jaxedit.edit.optim import AdamWSpec, split_trainable, trainable_part
+from jaxedit.edit.train import LoraSpec, LossWeights, train_step, trained_params
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import components
 
@@ -75,13 +75,13 @@ def relearn(model, params, train_sets: dict, evaluate: Callable[[dict], dict],
         trainable, frozen = split_trainable(params, mask)
         trainable = jax.tree.map(jnp.copy, trainable)  # train_step donates it; the edited params stay valid
         tmask = trainable_part(mask)
-    optimizer = masked_adamw(tmask, cosine_schedule(settings.lr, settings.steps), 0.0, None, settings.accumulate)
+    optimizer = AdamWSpec(settings.steps, 0, 0.0, None, settings.accumulate)
     opt_state = optimizer.init(trainable)
     weights = LossWeights(forget=1.0, maintain=1.0, lm=0.0)
     out = {}
 
     def measure(step):
-        out.update({f"relearn/{step}/{k}": v for k, v in evaluate(full_params(trainable, frozen, lora)).items()})
+        out.update({f"relearn/{step}/{k}": v for k, v in evaluate(trained_params(trainable, frozen, lora)).items()})
 
     bar = tqdm(range(settings.steps), file=sys.stderr, disable=not progress, desc="relearn")
     for step in bar:
@@ -89,7 +89,7 @@ def relearn(model, params, train_sets: dict, evaluate: Callable[[dict], dict],
             measure(step)
         for micro in range(settings.accumulate):
             trainable, opt_state, _ = train_step(trainable, frozen, opt_state, batches(step * settings.accumulate + micro),
-                                                 model.cfg, weights, optimizer, tmask, None, lora)
+                                                 model.cfg, weights, optimizer, tmask, settings.lr, None, lora)
     if settings.steps in settings.eval_at:
         measure(settings.steps)
     return out

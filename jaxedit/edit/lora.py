@@ -1,9 +1,11 @@
 """LoRA adapters on every linear layer of the stacked layout (the relearning attack, method.md §5.8).
 
 For a weight W with input axes `in` and output axes `out` (heads axes flattened), the adapter is
-A [L, in, r] (PEFT's uniform init) and B [L, r, out] (zeros), and the merged view is
-W + (alpha / r) · A @ B reshaped to W's shape. Train the adapters through `apply_lora` inside the
-loss: only they receive gradients, the base params are never written.
+A [L, in, r] (PEFT's uniform init) and B [L, r, out] (zeros). Training runs the side path
+x·W + (x·(alpha/r)·A)·B (`side_params`; the forward adds it beside each frozen matmul, as PEFT
+does), so neither the merged weight nor its gradient is ever formed; `apply_lora` is the merged
+view W + (alpha / r) · A @ B reshaped to W's shape (evaluation, export). Only the adapters
+receive gradients; the base params are never written.
 """
 
 from __future__ import annotations
@@ -56,4 +58,16 @@ def apply_lora(params: dict, adapters: dict, alpha: float, rank: int) -> dict:
         w = layers[group][name]
         delta = jnp.einsum("lir,lro->lio", ab["a"], ab["b"]) * scale
         layers[group][name] = w + delta.reshape(w.shape).astype(w.dtype)
+    return dict(params, layers=layers)
+
+
+def side_params(params: dict, adapters: dict, alpha: float, rank: int) -> dict:
+    """Params whose layer groups carry the adapters as `lora` {name: {'a': [L,in,r] · alpha/rank, 'b': [L,r,out]}},
+    read by the forward's side path; every base leaf is the same array."""
+    scale = alpha / rank
+    layers = dict(params["layers"])
+    for name, ab in adapters.items():
+        group, _ = TARGETS[name]
+        layers[group] = dict(layers[group])
+        layers[group]["lora"] = dict(layers[group].get("lora", {}), **{name: {"a": ab["a"] * scale, "b": ab["b"]}})
     return dict(params, layers=layers)

@@ -10,6 +10,8 @@ remaining, partially trainable leaves keep their broadcasting mask, applied to t
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,15 +32,21 @@ def _zip(params, mask, name: str):
                            "build it from this model's config") from None
 
 
-def split_trainable(params, mask) -> tuple[dict, dict]:
+def _kept(mask, keep) -> dict:
+    """Per leaf, whether it goes in the trainable half: `keep` (a params-shaped bool tree) or any True entry."""
+    return jax.tree.map(lambda m: bool(np.any(m)), mask) if keep is None else keep
+
+
+def split_trainable(params, mask, keep=None) -> tuple[dict, dict]:
     """(trainable, frozen): two params-shaped trees, each leaf in exactly one, None in the other.
 
-    A leaf is trainable when any entry of its mask is True; it stays whole (its mask still applies).
+    A leaf is trainable when any entry of its mask is True, or where `keep` says so (e.g.
+    `components.trained_leaves`); it stays whole (its mask still applies).
     """
-    pairs = _zip(params, mask, "mask")
+    pairs = _zip(params, _zip(mask, _kept(mask, keep), "keep"), "mask")
     is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
-    trainable = jax.tree.map(lambda pm: pm[0] if np.any(pm[1]) else None, pairs, is_leaf=is_pair)
-    frozen = jax.tree.map(lambda pm: None if np.any(pm[1]) else pm[0], pairs, is_leaf=is_pair)
+    trainable = jax.tree.map(lambda pm: pm[0] if pm[1][1] else None, pairs, is_leaf=is_pair)
+    frozen = jax.tree.map(lambda pm: None if pm[1][1] else pm[0], pairs, is_leaf=is_pair)
     return trainable, frozen
 
 
@@ -47,9 +55,9 @@ def merge(trainable, frozen) -> dict:
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=_is_none)
 
 
-def trainable_part(mask) -> dict:
+def trainable_part(mask, keep=None) -> dict:
     """The mask restricted to trainable leaves (None elsewhere), shaped like `split_trainable`'s first half."""
-    return jax.tree.map(lambda m: np.asarray(m, bool) if np.any(m) else None, mask)
+    return jax.tree.map(lambda m, k: np.asarray(m, bool) if k else None, mask, _kept(mask, keep))
 
 
 def _where_mask(mask):
@@ -93,6 +101,30 @@ def masked_adamw(mask, lr_schedule, weight_decay: float = 0.0, clip_norm: float 
     if accumulate > 1:
         return optax.MultiSteps(opt, every_k_schedule=accumulate).gradient_transformation()
     return opt
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWSpec:
+    """The static half of a `masked_adamw` (which transformations run); the mask and lr are its data.
+
+    A jitted step takes the spec as a static argument and builds `spec(mask, lr)` inside, so one
+    compiled step serves every localization of one trainable structure and every learning rate.
+    steps: length of the cosine schedule (with `warmup`); None: a constant lr.
+    """
+
+    steps: int | None = None
+    warmup: int = 0
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    accumulate: int = 1
+
+    def __call__(self, mask, lr) -> optax.GradientTransformation:
+        schedule = lr if self.steps is None else cosine_schedule(lr, self.steps, self.warmup)
+        return masked_adamw(mask, schedule, self.weight_decay, self.clip_norm, self.accumulate)
+
+    def init(self, trainable):
+        """The optimizer state of `trainable` (neither the mask nor lr enter it); checks the schedule."""
+        return self(None, 1.0).init(trainable)
 
 
 def apply_masked_updates(params, updates, mask):

@@ -25,15 +25,22 @@ import optax
 from tqdm import tqdm
 
 from jaxedit.edit import checkpoints, losses
-from jaxedit.edit.lora import apply_lora, init_lora
-from jaxedit.edit.optim import (apply_masked_updates, cosine_schedule, masked_adamw, merge, split_trainable,
-                                trainable_part)
+from jaxedit.edit.lora import apply_lora, init_lora, side_params
+from jaxedit.edit.optim import AdamWSpec, apply_masked_updates, merge, split_trainable, trainable_part
 from jaxedit.errors import JaxeditError
+from jaxedit.localize import components
+
+
+TERMS = ("forget", "maintain", "lm", "kl")
 
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-    """Coefficients of the loss terms (static under jit); a zero coefficient skips its term."""
+    """Coefficients of the loss terms; a zero coefficient skips its term.
+
+    Under jit the coefficients are data (`coefficients`) and only which terms run is static
+    (`objective`), so a change of coefficient does not recompile the step.
+    """
 
     forget: float = 1.0
     maintain: float = 1.0
@@ -41,6 +48,21 @@ class LossWeights:
     kl: float = 0.0
     unlearn: bool = False  # log(1 − p) of the true answer instead of injection CE
     threshold: float = losses.UNLEARN_THRESHOLD
+
+    def objective(self) -> Objective:
+        return Objective(tuple(name for name in TERMS if getattr(self, name)), self.unlearn, self.threshold)
+
+    def coefficients(self) -> dict[str, jax.Array]:
+        return {name: jnp.float32(getattr(self, name)) for name in TERMS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The static half of `LossWeights`: the terms that run, and how the forget term is scored."""
+
+    terms: tuple[str, ...]
+    unlearn: bool
+    threshold: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,29 +114,34 @@ class TrainSettings:
 
 
 def full_params(trainable, frozen, lora: LoraSpec | None = None) -> dict:
-    """The params the forward sees: merged halves, or base + LoRA adapters."""
+    """The params the loss sees: merged halves, or the base with the LoRA adapters as side paths."""
+    return side_params(frozen, trainable, lora.alpha, lora.rank) if lora else merge(trainable, frozen)
+
+
+def trained_params(trainable, frozen, lora: LoraSpec | None = None) -> dict:
+    """The params training produced, shaped like the model's: merged halves, or W + (alpha/r)·A@B merged."""
     return apply_lora(frozen, trainable, lora.alpha, lora.rank) if lora else merge(trainable, frozen)
 
 
-def loss_terms(trainable, frozen, batch: dict, cfg, weights: LossWeights, lora: LoraSpec | None = None,
+def loss_terms(trainable, frozen, batch: dict, cfg, objective: Objective, coefs: dict, lora: LoraSpec | None = None,
                reference=None, remat: bool = False) -> tuple[jax.Array, dict]:
-    """(total loss, {term: value}) of one batch."""
+    """(total loss, {term: value}) of one batch: the sum of coefs[term] · term over `objective.terms`."""
     params = full_params(trainable, frozen, lora)
-    terms, coefs = {}, {"forget": weights.forget, "maintain": weights.maintain, "lm": weights.lm, "kl": weights.kl}
+    terms = {}
     for name in ("forget", "maintain"):
-        if name in batch and coefs[name]:
+        if name in batch and name in objective.terms:
             b = batch[name]
             logits = losses.last_logits(params, cfg, b["tokens"], b["mask"], remat)
-            if name == "forget" and weights.unlearn:
-                terms[name] = losses.log1m_p_loss(logits, b["target"], b.get("weight"), weights.threshold)
+            if name == "forget" and objective.unlearn:
+                terms[name] = losses.log1m_p_loss(logits, b["target"], b.get("weight"), objective.threshold)
             else:
                 terms[name] = losses.cross_entropy(logits, b["target"], b.get("weight"))
-    if "lm" in batch and (weights.lm or weights.kl):
+    if "lm" in batch and {"lm", "kl"} & set(objective.terms):
         b = batch["lm"]
         logits = losses.next_token_logits(params, cfg, b["tokens"], b["mask"], remat)
-        if weights.lm:
+        if "lm" in objective.terms:
             terms["lm"] = losses.lm_loss(logits, b["tokens"], b["mask"])
-        if weights.kl:
+        if "kl" in objective.terms:
             if reference is None:
                 raise JaxeditError("a KL term needs the original trainable values: pass reference=")
             original = full_params(jax.lax.stop_gradient(reference), frozen, lora)
@@ -122,25 +149,34 @@ def loss_terms(trainable, frozen, batch: dict, cfg, weights: LossWeights, lora: 
             terms["kl"] = losses.kl_loss(ref_logits, logits, b["mask"][:, :-1])
     if not terms:
         raise JaxeditError(f"the batch has no term with a nonzero coefficient (keys {sorted(batch)}, "
-                           f"weights {weights}): add a term or raise its coefficient")
+                           f"terms {objective.terms}): add a term or raise its coefficient")
     total = sum(coefs[name] * value for name, value in terms.items())
     return total, terms
 
 
-@partial(jax.jit, static_argnames=("cfg", "loss_weights", "optimizer", "lora", "remat"), donate_argnums=(0, 2))
-def train_step(trainable, frozen, opt_state, batch, cfg, loss_weights: LossWeights, optimizer, mask,
-               reference=None, lora: LoraSpec | None = None, remat: bool = False):
-    """One micro-step: gradients w.r.t. the trainable leaves only, masked optimizer update.
-
-    mask: the trainable leaves' masks (`optim.trainable_part`), the same that built `optimizer`.
-    Returns (trainable, opt_state, metrics {'loss', 'grad_norm' (masked, before clipping), terms}).
-    """
+@partial(jax.jit, static_argnames=("cfg", "objective", "optimizer", "lora", "remat"), donate_argnums=(0, 2))
+def _train_step(trainable, frozen, opt_state, batch, mask, lr, coefs, reference, *, cfg, objective: Objective,
+                optimizer: AdamWSpec, lora: LoraSpec | None, remat: bool):
     grad_fn = jax.value_and_grad(loss_terms, has_aux=True)
-    (total, terms), grads = grad_fn(trainable, frozen, batch, cfg, loss_weights, lora, reference, remat)
+    (total, terms), grads = grad_fn(trainable, frozen, batch, cfg, objective, coefs, lora, reference, remat)
     masked = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, mask)
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    updates, opt_state = optimizer(mask, lr).update(grads, opt_state, trainable)
     trainable = apply_masked_updates(trainable, updates, mask)
     return trainable, opt_state, dict(terms, loss=total, grad_norm=optax.global_norm(masked))
+
+
+def train_step(trainable, frozen, opt_state, batch, cfg, loss_weights: LossWeights, optimizer: AdamWSpec, mask,
+               lr: float, reference=None, lora: LoraSpec | None = None, remat: bool = False):
+    """One micro-step: gradients w.r.t. the trainable leaves only, masked AdamW update (`optimizer(mask, lr)`).
+
+    mask: the trainable leaves' masks (`optim.trainable_part`); the mask, lr and loss coefficients
+    are data of one compiled program per (cfg, trainable structure and shapes, terms, optimizer spec).
+    Donates trainable and opt_state. Returns (trainable, opt_state, metrics {'loss', 'grad_norm'
+    (masked, before clipping), terms}).
+    """
+    return _train_step(trainable, frozen, opt_state, batch, mask, jnp.float32(lr), loss_weights.coefficients(),
+                       reference, cfg=cfg, objective=loss_weights.objective(), optimizer=optimizer, lora=lora,
+                       remat=remat)
 
 
 def _cast(params, dtype: str):
@@ -172,13 +208,14 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
         tmask = jax.tree.map(lambda a: np.ones((1,) * a.ndim, bool), trainable)
     else:
         lora = None
-        trainable, frozen = split_trainable(params, mask)
+        keep = components.trained_leaves(mask)
+        trainable, frozen = split_trainable(params, mask, keep)
         trainable = jax.tree.map(jnp.copy, trainable)  # train_step donates it; model.params stay valid
-        tmask = trainable_part(mask)
+        tmask = trainable_part(mask, keep)
     if not jax.tree.leaves(trainable):
         raise JaxeditError("the mask selects no parameter: pick a localization with at least one component")
-    optimizer = masked_adamw(tmask, cosine_schedule(settings.lr, settings.steps, settings.warmup), settings.weight_decay,
-                             settings.clip_norm, settings.accumulate)
+    optimizer = AdamWSpec(settings.steps, settings.warmup, settings.weight_decay, settings.clip_norm,
+                          settings.accumulate)
     opt_state = optimizer.init(trainable)
     reference = jax.tree.map(jnp.copy, trainable) if settings.kl_coef else None
     weights = settings.loss_weights()
@@ -190,7 +227,7 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
                total=steps * settings.accumulate)
     for i in bar:
         trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batches_fn(i), model.cfg, weights,
-                                                   optimizer, tmask, reference, lora, settings.remat)
+                                                   optimizer, tmask, settings.lr, reference, lora, settings.remat)
         if (i + 1) % settings.accumulate:
             continue
         step = (i + 1) // settings.accumulate
@@ -201,7 +238,7 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
                 on_step(step - 1, metrics)
         if checkpoint_dir is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < steps:
             checkpoints.save(checkpoint_dir, step, trainable, opt_state)
-    return full_params(trainable, frozen, lora)
+    return trained_params(trainable, frozen, lora)
 
 
 # §4.4: (lr, forget_loss_coef) per setting, model and localization group.

@@ -19,8 +19,9 @@ taken (ties overshoot). The random baseline is seeded, matrix-level, includes w_
 §10.8/§10.9) and fills the budget the same way.
 
 Masks mirror the params tree; every leaf is a numpy bool array that broadcasts against its
-parameter (wq [L,1,1,1] per layer or [L,1,H,1] per head, w_up [L,1,1] or [L,1,F]; frozen leaves
-[1,…,1] False). Everything needs shapes only (`params.param_shapes(cfg)`), never weights.
+parameter, at head and neuron granularity whatever the components (wq [L,1,H,1], wk/wv [L,1,K,1],
+wo [L,H,1,1], w_up/w_gate [L,1,F], w_down [L,F,1]; frozen leaves [1,…,1] False), so masks of
+every localization of a model have one shape (one compiled train step). Everything needs shapes only (`params.param_shapes(cfg)`), never weights.
 Axes: L layers, D d_model, H heads, K kv heads, E head_dim, F d_mlp.
 """
 
@@ -129,13 +130,9 @@ def trainable_mask(comps: Components, cfg: ModelConfig) -> dict:
     """Mask pytree shaped like the params: broadcasting bool leaves, True = may change."""
     shapes = _layer_shapes(cfg)
     L, H, K, F = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_mlp
-    by_head, by_neuron = np.any(comps.kind == "head"), np.any(comps.kind == "neuron")
     leaf_shape = {"wq": (L, 1, H, 1), "wk": (L, 1, K, 1), "wv": (L, 1, K, 1), "wo": (L, H, 1, 1),
                   "w_up": (L, 1, F), "w_gate": (L, 1, F), "w_down": (L, F, 1)}
-    leaves = {}
-    for name in shapes:
-        fine = by_head if name in ATTN else by_neuron
-        leaves[name] = np.zeros(leaf_shape[name] if fine else (L,) + (1,) * (len(shapes[name]) - 1), bool)
+    leaves = {name: np.zeros(leaf_shape[name], bool) for name in shapes}
     _check_kinds(comps, _base_costs(cfg))
     for group, names in (("attn", ATTN), ("mlp", MLP)):
         rows = comps.layer[comps.kind == group]
@@ -156,6 +153,29 @@ def trainable_mask(comps: Components, cfg: ModelConfig) -> dict:
             leaves[name][layer, 0, f] = True
     leaves["w_down"][layer, f, 0] = True
     return _mask_tree(param_shapes(cfg), leaves)
+
+
+def trained_leaves(mask: dict) -> dict:
+    """Which leaves train (bool per leaf): in layers/attn and layers/mlp, every matrix of the group as
+    soon as any of its entries may change (its mask keeps the others exact); elsewhere, any True entry.
+
+    Localizations that touch the same groups then have one trainable structure (one compiled step).
+    """
+    layers = mask.get("layers", {})
+    groups = {g: any(np.any(m) for m in layers.get(g, {}).values()) for g in ("attn", "mlp")}
+
+    def walk(tree: dict, path: tuple[str, ...]) -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out[key] = walk(value, path + (key,))
+            elif path[:1] == ("layers",) and path[1:] in (("attn",), ("mlp",)) and key in ATTN + MLP:
+                out[key] = groups[path[1]]
+            else:
+                out[key] = bool(np.any(value))
+        return out
+
+    return walk(mask, ())
 
 
 def _mask_tree(shapes: dict, leaves: dict[str, np.ndarray], prefix: tuple[str, ...] = ()) -> dict:

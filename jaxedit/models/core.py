@@ -124,11 +124,22 @@ class KeysValues(NamedTuple):
     v: jax.Array  # [B,S,K,E]
 
 
+def _side(p: dict, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """y = x·W plus the LoRA side path (x·A)·B of adapter p['lora'][name] if there is one (`lora.side_params`):
+    x [B,T,in axes], A [in,r] (scale folded in), B [r,out]; the merged weight W + A·B is never formed."""
+    adapter = p.get("lora", {}).get(name)
+    if adapter is None:
+        return y
+    flat = x.reshape(x.shape[:2] + (-1,))
+    low = (flat @ adapter["a"].astype(x.dtype)) @ adapter["b"].astype(x.dtype)
+    return y + low.reshape(y.shape).astype(y.dtype)
+
+
 def _qkv(cfg: ModelConfig, p: dict, x: jax.Array, positions: jax.Array, inv_freq, site: Sites):
     """Queries [B,T,H,E], keys and values [B,T,K,E] of normalized input x [B,T,D] at `positions`."""
-    q = jnp.einsum("btd,dhe->bthe", x, p["wq"])
-    k = jnp.einsum("btd,dke->btke", x, p["wk"])
-    v = jnp.einsum("btd,dke->btke", x, p["wv"])
+    q = _side(p, "wq", x, jnp.einsum("btd,dhe->bthe", x, p["wq"]))
+    k = _side(p, "wk", x, jnp.einsum("btd,dke->btke", x, p["wk"]))
+    v = _side(p, "wv", x, jnp.einsum("btd,dke->btke", x, p["wv"]))
     if cfg.attn_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q, k, v = site("attn_q", q), site("attn_k", k), site("attn_v", v)
@@ -182,17 +193,18 @@ def attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, i
 
 def _mlp(cfg: ModelConfig, p: dict, x: jax.Array, site: Sites) -> jax.Array:
     """MLP of normalized input x [B,T,D] -> [B,T,D]."""
-    up = x @ p["w_up"]
+    up = _side(p, "w_up", x, x @ p["w_up"])
     if cfg.mlp_bias:
         up = up + p["b_up"]
     if cfg.gated_mlp:
-        gate = x @ p["w_gate"]
+        gate = _side(p, "w_gate", x, x @ p["w_gate"])
         if cfg.mlp_bias:
             gate = gate + p["b_gate"]
         hidden = _activation(cfg, gate) * up
     else:
         hidden = _activation(cfg, up)
-    out = site("mlp_hidden", hidden) @ p["w_down"]
+    hidden = site("mlp_hidden", hidden)
+    out = _side(p, "w_down", hidden, hidden @ p["w_down"])
     return out + p["b_down"] if cfg.mlp_bias else out
 
 
@@ -208,7 +220,7 @@ def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_l
     z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site, prefix, rows, at)
     if rows is not None:
         x = jnp.take_along_axis(x, rows[..., None], axis=1)
-    attn_out = jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"])
+    attn_out = _side(lp["attn"], "wo", z, jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"]))
     if cfg.attn_bias:
         attn_out = attn_out + lp["attn"]["bo"]
     if cfg.post_norms:

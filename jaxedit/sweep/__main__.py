@@ -67,8 +67,11 @@ def main(argv=None) -> int:
             for unit in expand(config):
                 print(unit.id)
             return 0
+        from jaxedit.compilation import use_persistent_cache
+        from jaxedit.models.registry import cache_dir
         from jaxedit.sweep.runner import run_sweep
 
+        use_persistent_cache(cache_dir() / "xla")  # a second run of a sweep compiles nothing
         root = run_sweep(config)
     except JaxeditError as exc:
         print(f"error: {exc}", file=sys.stderr)

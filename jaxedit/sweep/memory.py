@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
-from jaxedit.edit.optim import masked_adamw, split_trainable, trainable_part
+from jaxedit.edit.optim import AdamWSpec, split_trainable, trainable_part
 from jaxedit.errors import JaxeditError
-from jaxedit.localize.components import count_trainable
+from jaxedit.localize.components import count_trainable, trained_leaves
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.params import init_params
 from jaxedit.sharding.mesh import DEFAULT_RULES, like, opt_state_shardings, param_shardings, param_specs
@@ -42,7 +42,7 @@ def memory_report(cfg: ModelConfig, mesh: Mesh | AbstractMesh, *, dtype="bfloat1
     """Global and per-device bytes of params, grads, optimizer state and their total, and a printable table.
 
     trainable_mask: a broadcasting bool mask tree (`Localization.mask`); None = full fine-tune.
-    optimizer: 'adamw' (jaxedit's `masked_adamw`, `accumulate` > 1 adds its gradient accumulator)
+    optimizer: 'adamw' (jaxedit's `AdamWSpec`, `accumulate` > 1 adds its gradient accumulator)
     or None (inference: params only, no grads). Returns {'mesh', 'n_devices', 'dtype', 'optimizer', 'n_params',
     'n_trainable', 'params', 'grads', 'opt_state', 'total' (each {'global', 'per_device'} bytes),
     'notes' (mesh axes dropped by the rules), 'table'}.
@@ -55,11 +55,12 @@ def memory_report(cfg: ModelConfig, mesh: Mesh | AbstractMesh, *, dtype="bfloat1
     notes = param_specs(cfg, mesh, rules)[1]
     if trainable_mask is None:
         trainable_mask = jax.tree.map(lambda x: np.ones((1,) * x.ndim, bool), abstract)
-    trainable, _ = split_trainable(abstract, trainable_mask)
+    keep = trained_leaves(trainable_mask)  # as `edit.train` splits it
+    trainable, _ = split_trainable(abstract, trainable_mask, keep)
     rows = {"params": _bytes(abstract, shardings), "grads": (0, 0), "opt_state": (0, 0)}
     if optimizer == "adamw":
         rows["grads"] = _bytes(trainable, like(trainable, shardings))
-        opt = masked_adamw(trainable_part(trainable_mask), 1e-5, accumulate=accumulate)
+        opt = AdamWSpec(accumulate=accumulate)(trainable_part(trainable_mask, keep), 1e-5)
         state = jax.eval_shape(opt.init, trainable)
         rows["opt_state"] = _bytes(state, opt_state_shardings(opt, state, like(trainable, shardings)))
     rows["total"] = tuple(sum(r[i] for r in rows.values()) for i in (0, 1))
