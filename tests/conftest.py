@@ -56,3 +56,14 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir):
                               max_position_embeddings=256))
     model = Model(cfg, init_params(cfg, jax.random.key(0)), None, source=smollm2_dir)
     return export_hf(model, tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+# The README's command runs the suite on 2 workers, one test file per worker at a time (`-n 2 --dist
+# loadfile`); files start in collection order, so the longest ones go first and the short ones fill in.
+LONGEST_FIRST = ("test_sweep.py", "test_gguf_convert.py", "test_sweep_grid.py", "test_eval_attacks.py",
+                 "test_edit_training.py", "test_sharding.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
