@@ -26,18 +26,20 @@ LOGIT_READS = ("logits", "candidates", "log_probs", "top")
 
 
 def read(params, cfg, tokens, mask, reads: tuple[str, ...], positions=None, columns=None, ids=None,
-         embed_hook=None, remat: bool = False) -> dict[str, jax.Array]:
+         embed_hook=None, remat: bool = False, frozen_below=None) -> dict[str, jax.Array]:
     """One forward of tokens/mask [B,T] read at positions [B,P] (default: each row's last real token).
 
     reads (any of): 'logits' [B,P,V]; 'candidates' [B,P,C] float32 softmax over the logits of token
     columns [C]; 'log_probs' [B,P,C] full-vocabulary float32 log-probs of token ids [B,C] and 'top'
     [B,P] their argmax token; 'resid_pre' / 'resid_post' [L,B,P,D] of every layer. embed_hook: a
     function of the raw embedding rows [B,T,D] (`core.embed`). Only the read positions are unembedded.
+    frozen_below: no backward below that layer (`core.run_layers`).
     """
     positions = core.last_positions(mask) if positions is None else positions
     capture = tuple(s for s in RESIDUALS if s in reads)
     logits, cache = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=positions,
-                                 capture=capture, remat=remat, embed_hook=embed_hook)
+                                 capture=capture, remat=remat, embed_hook=embed_hook,
+                                 frozen_below=frozen_below)
     out = {s: jnp.take_along_axis(cache[s], positions[None, :, :, None], axis=2) for s in capture}
     if "logits" in reads:
         out["logits"] = logits

@@ -1,6 +1,8 @@
+import fcntl
 import functools
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,20 +27,41 @@ def smollm2_dir():
     return registry.resolve("smollm2-135m")
 
 
+def _shared_folder() -> Path:
+    """A folder all workers of this pytest run share (xdist names the run), private to one process otherwise."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID", f"pid{os.getpid()}")
+    folder = Path(tempfile.gettempdir()) / f"jaxedit-tests-{run}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @functools.lru_cache(maxsize=None)
 def hf_gguf_reference(name: str):
-    """(transformers model dequantized from the GGUF by transformers itself, its tokenizer): loaded once per session."""
+    """(transformers model dequantized from the GGUF by transformers itself, its tokenizer): loaded once per session.
+
+    transformers dequantizes in Python (about a minute for Gemma-3-270M), so the first worker saves its
+    result as safetensors and the other worker loads that (the same float32 tensors).
+    """
     import torch
     import transformers
 
     from jaxedit.models import registry
 
-    path = registry.gguf_file(name)
-    kwargs = {"gguf_file": path.name}
-    config = transformers.GgufConfig(dequantize=True, **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32,
-                                                              quantization_config=config, **kwargs)
-    return model.eval(), transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    saved = _shared_folder() / f"dequantized-{name}"
+    with open(saved.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not saved.is_dir():
+            path = registry.gguf_file(name)
+            kwargs = {"gguf_file": path.name}
+            config = transformers.GgufConfig(dequantize=True, **kwargs)
+            model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32,
+                                                                      quantization_config=config, **kwargs)
+            partial = saved.with_suffix(".partial")
+            model.save_pretrained(partial)
+            transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs).save_pretrained(partial)
+            partial.rename(saved)
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(saved)
 
 
 @pytest.fixture(scope="session")

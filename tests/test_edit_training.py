@@ -143,13 +143,54 @@ def test_lora_side_path_gives_the_merged_computations_loss_and_gradients(model, 
         return total + losses.lm_loss(losses.next_token_logits(params, CFG, lm["tokens"], lm["mask"]), lm["tokens"],
                                       lm["mask"])
 
-    (got, got_grads), (want, want_grads) = jax.value_and_grad(side)(adapters), jax.value_and_grad(merged)(adapters)
+    (got, got_grads), (want, want_grads) = (jax.jit(jax.value_and_grad(f))(adapters) for f in (side, merged))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for name in adapters:
         for k in ("a", "b"):
             g, w = np.asarray(got_grads[name][k]), np.asarray(want_grads[name][k])
             assert np.abs(w).max() > 0, (name, k)
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=f"{name}.{k}")
+
+
+def test_lowest_trained_layer_of_masks():
+    mask = lambda kinds, layers, index: C.trainable_mask(C.Components.make(kinds, layers, index), CFG)  # noqa: E731
+    assert C.lowest_trained_layer(_mixed_mask(), CFG.n_layers) == 0  # wv of layer 0
+    assert C.lowest_trained_layer(mask(["head", "mlp"], [2, 1], [3, -1]), CFG.n_layers) == 1
+    assert C.lowest_trained_layer(mask(["neuron"], [2], [5]), CFG.n_layers) == 2
+    no_layer = mask(["neuron"], [2], [5])
+    no_layer["layers"]["mlp"]["w_up"][:] = False
+    no_layer["layers"]["mlp"]["w_down"][:] = False
+    no_layer["layers"]["mlp"]["w_gate"][:] = False
+    assert C.lowest_trained_layer(no_layer, CFG.n_layers) == CFG.n_layers
+    no_layer["final_norm"] = jax.tree.map(lambda m: np.ones_like(m), no_layer["final_norm"])
+    assert C.lowest_trained_layer(no_layer, CFG.n_layers) == 0  # a leaf outside the stack
+
+
+def test_frozen_prefix_backward_gives_the_full_backwards_gradients_above_it_and_none_below(model, batch):
+    """No backward below layer k: the loss and the gradients of layers ≥ k equal the full backward's
+    (an independent path), the gradients of layers < k and of the embedding are exactly zero."""
+    mask = jax.tree.map(np.ones_like, C.trainable_mask(C.Components.make(["mlp"], [0], [-1]), CFG))
+    trainable, frozen = split_trainable(model.params, mask)  # every parameter, embedding included
+    weights = LossWeights(forget=1.0, maintain=1.0, lm=1.0)
+    k = 2
+
+    def loss(tr, frozen_below):
+        return loss_terms(tr, frozen, batch, CFG, weights.objective(), weights.coefficients(),
+                          frozen_below=frozen_below)[0]
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    (got, got_grads), (want, want_grads) = grad(trainable, jnp.int32(k)), grad(trainable, None)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for path, g in mask_leaves(got_grads):
+        g, w = np.asarray(g), np.asarray(_get(want_grads, path))
+        if path[0] == "layers":
+            assert not g[:k].any(), path
+            assert np.abs(w[k:]).max() > 0, path
+            np.testing.assert_allclose(g[k:], w[k:], rtol=1e-5, atol=1e-6 * np.abs(w).max(), err_msg=str(path))
+        elif path[0] == "embed":
+            assert not g.any() and np.abs(w).max() > 0, path
+        else:
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(), err_msg=str(path))
 
 
 def test_lora_merged_view_is_w_plus_scaled_low_rank_map(model):

@@ -36,7 +36,7 @@ def _config(model_dir, output, **changes) -> dict:
         "localizations": ["manual_interp", "random"], "seeds": [0],
         "data": {"n_forget": 4, "max_maintain": 10, "known_threshold": 0.0},
         "localize": {"flu_layers": [1]},
-        "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 1},
+        "train": {"steps": 4, "batch_size": 4, "accumulate": 2, "lr": 1e-3, "checkpoint_every": 1},
         "general_text": {"n": 4, "ctx": 16},
         "eval": {"probe_steps": 10},
         "relearn": {"lora_rank": 2, "steps": 2, "eval_at": [0, 2], "batch_size": 2, "accumulate": 1},

@@ -69,16 +69,20 @@ def kl_loss(reference_logits: jax.Array, logits: jax.Array, attention_mask: jax.
     return (kl * real).sum() / jnp.maximum(real.sum(), 1.0)
 
 
-def last_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False) -> jax.Array:
-    """Logits [B,V] after each prompt, unembedding only the last real position (`readout.read`)."""
-    return read(params, cfg, tokens, attention_mask, ("logits",), remat=remat)["logits"][:, 0]
+def last_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False,
+                frozen_below=None) -> jax.Array:
+    """Logits [B,V] after each prompt, unembedding only the last real position (`readout.read`).
+
+    frozen_below: no backward below that layer (`core.run_layers`)."""
+    return read(params, cfg, tokens, attention_mask, ("logits",), remat=remat,
+                frozen_below=frozen_below)["logits"][:, 0]
 
 
 def next_token_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array,
-                      remat: bool = False) -> jax.Array:
-    """Logits [B,T-1,V] at positions 0..T-2 (the ones with a next token)."""
+                      remat: bool = False, frozen_below=None) -> jax.Array:
+    """Logits [B,T-1,V] at positions 0..T-2 (the ones with a next token); frozen_below as in `last_logits`."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t - 1)[None], (b, t - 1))
     logits, _ = core.forward(params, tokens, cfg, attention_mask=attention_mask, logit_positions=positions,
-                             remat=remat)
+                             remat=remat, frozen_below=frozen_below)
     return logits

@@ -124,21 +124,24 @@ def trained_params(trainable, frozen, lora: LoraSpec | None = None) -> dict:
 
 
 def loss_terms(trainable, frozen, batch: dict, cfg, objective: Objective, coefs: dict, lora: LoraSpec | None = None,
-               reference=None, remat: bool = False) -> tuple[jax.Array, dict]:
-    """(total loss, {term: value}) of one batch: the sum of coefs[term] · term over `objective.terms`."""
+               reference=None, remat: bool = False, frozen_below=None) -> tuple[jax.Array, dict]:
+    """(total loss, {term: value}) of one batch: the sum of coefs[term] · term over `objective.terms`.
+
+    frozen_below: the lowest layer that can train (`components.lowest_trained_layer`); no backward runs
+    through the layers below it (`core.run_layers`)."""
     params = full_params(trainable, frozen, lora)
     terms = {}
     for name in ("forget", "maintain"):
         if name in batch and name in objective.terms:
             b = batch[name]
-            logits = losses.last_logits(params, cfg, b["tokens"], b["mask"], remat)
+            logits = losses.last_logits(params, cfg, b["tokens"], b["mask"], remat, frozen_below)
             if name == "forget" and objective.unlearn:
                 terms[name] = losses.log1m_p_loss(logits, b["target"], b.get("weight"), objective.threshold)
             else:
                 terms[name] = losses.cross_entropy(logits, b["target"], b.get("weight"))
     if "lm" in batch and {"lm", "kl"} & set(objective.terms):
         b = batch["lm"]
-        logits = losses.next_token_logits(params, cfg, b["tokens"], b["mask"], remat)
+        logits = losses.next_token_logits(params, cfg, b["tokens"], b["mask"], remat, frozen_below)
         if "lm" in objective.terms:
             terms["lm"] = losses.lm_loss(logits, b["tokens"], b["mask"])
         if "kl" in objective.terms:
@@ -155,10 +158,11 @@ def loss_terms(trainable, frozen, batch: dict, cfg, objective: Objective, coefs:
 
 
 @partial(jax.jit, static_argnames=("cfg", "objective", "optimizer", "lora", "remat"), donate_argnums=(0, 2))
-def _train_step(trainable, frozen, opt_state, batch, mask, lr, coefs, reference, *, cfg, objective: Objective,
-                optimizer: AdamWSpec, lora: LoraSpec | None, remat: bool):
+def _train_step(trainable, frozen, opt_state, batch, mask, lr, coefs, reference, frozen_below, *, cfg,
+                objective: Objective, optimizer: AdamWSpec, lora: LoraSpec | None, remat: bool):
     grad_fn = jax.value_and_grad(loss_terms, has_aux=True)
-    (total, terms), grads = grad_fn(trainable, frozen, batch, cfg, objective, coefs, lora, reference, remat)
+    (total, terms), grads = grad_fn(trainable, frozen, batch, cfg, objective, coefs, lora, reference, remat,
+                                    frozen_below)
     masked = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, mask)
     updates, opt_state = optimizer(mask, lr).update(grads, opt_state, trainable)
     trainable = apply_masked_updates(trainable, updates, mask)
@@ -166,17 +170,19 @@ def _train_step(trainable, frozen, opt_state, batch, mask, lr, coefs, reference,
 
 
 def train_step(trainable, frozen, opt_state, batch, cfg, loss_weights: LossWeights, optimizer: AdamWSpec, mask,
-               lr: float, reference=None, lora: LoraSpec | None = None, remat: bool = False):
+               lr: float, reference=None, lora: LoraSpec | None = None, remat: bool = False, frozen_below: int = 0):
     """One micro-step: gradients w.r.t. the trainable leaves only, masked AdamW update (`optimizer(mask, lr)`).
 
-    mask: the trainable leaves' masks (`optim.trainable_part`); the mask, lr and loss coefficients
-    are data of one compiled program per (cfg, trainable structure and shapes, terms, optimizer spec).
+    mask: the trainable leaves' masks (`optim.trainable_part`); frozen_below: the lowest layer the
+    mask lets change (`components.lowest_trained_layer`; 0 is always safe), no backward below it.
+    The mask, lr, loss coefficients and frozen_below are data of one compiled program per (cfg,
+    trainable structure and shapes, terms, optimizer spec).
     Donates trainable and opt_state. Returns (trainable, opt_state, metrics {'loss', 'grad_norm'
     (masked, before clipping), terms}).
     """
     return _train_step(trainable, frozen, opt_state, batch, mask, jnp.float32(lr), loss_weights.coefficients(),
-                       reference, cfg=cfg, objective=loss_weights.objective(), optimizer=optimizer, lora=lora,
-                       remat=remat)
+                       reference, jnp.int32(frozen_below), cfg=cfg, objective=loss_weights.objective(),
+                       optimizer=optimizer, lora=lora, remat=remat)
 
 
 def _cast(params, dtype: str):
@@ -206,12 +212,14 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
         lora = LoraSpec(settings.lora_rank, settings.lora_alpha)
         trainable, frozen = init_lora(params, lora.rank, jax.random.key(seed), dtype=settings.dtype), params
         tmask = jax.tree.map(lambda a: np.ones((1,) * a.ndim, bool), trainable)
+        frozen_below = 0
     else:
         lora = None
         keep = components.trained_leaves(mask)
         trainable, frozen = split_trainable(params, mask, keep)
         trainable = jax.tree.map(jnp.copy, trainable)  # train_step donates it; model.params stay valid
         tmask = trainable_part(mask, keep)
+        frozen_below = components.lowest_trained_layer(mask, model.cfg.n_layers)
     if not jax.tree.leaves(trainable):
         raise JaxeditError("the mask selects no parameter: pick a localization with at least one component")
     optimizer = AdamWSpec(settings.steps, settings.warmup, settings.weight_decay, settings.clip_norm,
@@ -227,7 +235,8 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
                total=steps * settings.accumulate)
     for i in bar:
         trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batches_fn(i), model.cfg, weights,
-                                                   optimizer, tmask, settings.lr, reference, lora, settings.remat)
+                                                   optimizer, tmask, settings.lr, reference, lora, settings.remat,
+                                                   frozen_below)
         if (i + 1) % settings.accumulate:
             continue
         step = (i + 1) // settings.accumulate

@@ -178,6 +178,20 @@ def trained_leaves(mask: dict) -> dict:
     return walk(mask, ())
 
 
+def lowest_trained_layer(mask: dict, n_layers: int) -> int:
+    """The lowest layer any True entry of a params-shaped mask lets change (n_layers if none; 0 as soon as
+    a leaf outside `layers` may change, or a layer leaf broadcasts one entry over all layers)."""
+    lowest = n_layers
+    for path, leaf in mask_leaves(mask):
+        leaf = np.asarray(leaf, bool)
+        if not leaf.any():
+            continue
+        if path[0] != "layers" or leaf.ndim == 0 or leaf.shape[0] == 1:
+            return 0
+        lowest = min(lowest, int(np.argmax(leaf.reshape(leaf.shape[0], -1).any(axis=1))))
+    return lowest
+
+
 def _mask_tree(shapes: dict, leaves: dict[str, np.ndarray], prefix: tuple[str, ...] = ()) -> dict:
     """All-False [1,…,1] leaves, except the layer matrices in `leaves`."""
     out = {}

@@ -259,24 +259,39 @@ def run_layers(
     edits: dict[str, SiteEdit],
     capture: tuple[str, ...],
     remat: bool = False,
+    frozen_below: jax.Array | int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scan layers (params with a leading L' axis) over residual x [B,T,D].
 
     Returns the final residual and captures {site: [L',B,T,...]}. Works on any contiguous slice of
-    layers (pass the matching slices of `consts` and `edits`).
+    layers (pass the matching slices of `consts` and `edits`). frozen_below (may be traced, needs
+    no edits or captures): layers of index < frozen_below run under stop_gradient in a `lax.cond`
+    branch, so a backward pass stops at the lowest layer that can train instead of running through
+    the frozen ones below it (the values are the same; gradients below it are zero).
     """
     layer_capture = tuple(s for s in capture if s != EMBED_SITE)
+    layer_edits = {k: v for k, v in edits.items() if k != EMBED_SITE}
+    if frozen_below is not None and (layer_edits or layer_capture):
+        raise JaxeditError("run_layers(frozen_below=...) is for training graphs: pass no edits or captures with it")
 
     def body(x, scanned):
-        lp, inv_freq, is_local, layer_edits = scanned
+        lp, inv_freq, is_local, layer_edits, index = scanned
         site = Sites(layer_edits, layer_capture)
-        x = block(cfg, lp, x, ctx, inv_freq, is_local, site)
-        return x, site.captured
+        if frozen_below is None:
+            return block(cfg, lp, x, ctx, inv_freq, is_local, site), site.captured
+
+        def live(x, lp):
+            return block(cfg, lp, x, ctx, inv_freq, is_local, site)
+
+        def frozen(x, lp):
+            return live(*jax.lax.stop_gradient((x, lp)))
+
+        return jax.lax.cond(index < frozen_below, frozen, live, x, lp), {}
 
     if remat:
         body = jax.checkpoint(body)
-    layer_edits = {k: v for k, v in edits.items() if k != EMBED_SITE}
-    return jax.lax.scan(body, x, (layers, consts.inv_freq, consts.is_local, layer_edits))
+    index = jnp.arange(jax.tree.leaves(layers)[0].shape[0])
+    return jax.lax.scan(body, x, (layers, consts.inv_freq, consts.is_local, layer_edits, index))
 
 
 def run_from(
@@ -367,12 +382,13 @@ def forward(
     capture: tuple[str, ...] = (),
     remat: bool = False,
     embed_hook=None,
+    frozen_below: jax.Array | int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Logits and captured activations of a (padded) batch.
 
     tokens: [B,T] int. attention_mask: [B,T] (default all ones). logit_positions: [B,P] int
     indices to unembed (default: all T positions). edits: {site: SiteEdit}; capture: site names.
-    embed_hook: a function of the raw embedding rows (see `embed`).
+    embed_hook: a function of the raw embedding rows (see `embed`). frozen_below: see `run_layers`.
     Returns (logits [B,P,V] or [B,T,V], {site: [L,B,T,...] or [B,T,D] for `embed`}).
     """
     check_sites(capture, "capture")
@@ -382,7 +398,8 @@ def forward(
     ctx = make_context(cfg, attention_mask, positions)
     x = apply_edit(embed(cfg, params, tokens, ctx, embed_hook), edits.get(EMBED_SITE))
     cache = {EMBED_SITE: x} if EMBED_SITE in capture else {}
-    x, captured = run_layers(cfg, params["layers"], layer_constants(cfg), x, ctx, edits, tuple(capture), remat)
+    x, captured = run_layers(cfg, params["layers"], layer_constants(cfg), x, ctx, edits, tuple(capture), remat,
+                             frozen_below)
     cache.update(captured)
     if logit_positions is not None:
         x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
