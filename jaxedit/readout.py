@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxedit.data.batching import first_tokens, fixed_batches, padded_batches
 from jaxedit.models import core
+from jaxedit.sharding import on_data
 from jaxedit.tokenizer import pad
 
 RESIDUALS = ("resid_pre", "resid_post")
@@ -70,6 +71,7 @@ def read_prompts(model, rows: list[list[int]], reads: tuple[str, ...], *, params
                  padding_side: str = "right", columns=None, ids=None, hook=None, adversaries=None,
                  slots: list[list[int]] | None = None) -> dict[str, np.ndarray]:
     """`read_jit` at the last real token of token rows [N] in `padded_batches`: {read: [N,...] (hook: [R,N,...])}.
+    Each batch shards over the 'data' axis of the mesh `params` live on (`sharding.on_data`).
 
     ids [N,C]: per-row asked tokens ('log_probs'). hook: see `read_jit`, with `adversaries` and the
     per-row `slots` (padded with -1 like the tokens) as its arguments.
@@ -80,9 +82,9 @@ def read_prompts(model, rows: list[list[int]], reads: tuple[str, ...], *, params
     for _, index, n_real, tokens, mask in padded_batches(rows, model.tokenizer.pad_token_id, batch_size,
                                                          padding_side):
         shared = None if slots is None else pad([slots[i] for i in index], -1, padding_side, tokens.shape[1])[0]
-        got = read_jit(params, model.cfg, jnp.asarray(tokens), jnp.asarray(mask), reads, None, columns,
-                       None if ids is None else jnp.asarray(ids[index]), hook,
-                       None if hook is None else (adversaries, jnp.asarray(shared)))
+        tokens, mask, asked, shared = on_data(params, (tokens, mask, None if ids is None else ids[index], shared))
+        got = read_jit(params, model.cfg, tokens, mask, reads, None, columns, asked, hook,
+                       None if hook is None else (adversaries, shared))
         parts.append({k: np.asarray(v)[(slice(None),) * axis + (slice(0, n_real),)] for k, v in got.items()})
     return {k: np.concatenate([p[k] for p in parts], axis=axis) for k in parts[0]}
 
@@ -116,17 +118,18 @@ def token_log_probs(model, prompts: list[str], ids, params=None, batch_size: int
 
 def logits_after(model, prompts: list[str], params=None) -> np.ndarray:
     """Logits [N,V] of the token after each prompt: one right-padded batch, last real position only."""
-    tokens, mask = model.encode(prompts)
     params = model.params if params is None else params
+    tokens, mask = on_data(params, model.encode(prompts))
     return np.asarray(read_jit(params, model.cfg, tokens, mask, ("logits",))["logits"][:, 0])
 
 
 def resid_at(cfg, params, tokens, mask, index, site: str = "resid_pre", batch_size: int = 32) -> np.ndarray:
     """`site` ('resid_pre' or 'resid_post') [L,N,D] of every layer at position index [N] of each padded row
-    of tokens/mask [N,T], in `fixed_batches` of min(batch_size, N) rows."""
+    of tokens/mask [N,T], in `fixed_batches` of min(batch_size, N) rows (sharded by `sharding.on_data`)."""
     tokens, mask, index = np.asarray(tokens), np.asarray(mask), np.asarray(index)
     out = []
     for _, rows, n_real in fixed_batches(len(tokens), min(batch_size, len(tokens))):
-        got = read_jit(params, cfg, tokens[rows], mask[rows], (site,), index[rows][:, None])[site]
+        rows_tokens, rows_mask, positions = on_data(params, (tokens[rows], mask[rows], index[rows][:, None]))
+        got = read_jit(params, cfg, rows_tokens, rows_mask, (site,), positions)[site]
         out.append(got[:, :n_real, 0])
     return np.asarray(jnp.concatenate(out, axis=1))

@@ -81,6 +81,55 @@ def run_train(params, cfg, batch, mesh=None):
     return trainable, np.array(losses), mu_shard
 
 
+def data_parallel_inputs():
+    """The data-parallel check's inputs: a train batch, text windows [8,7] and patching prompts of 8 rows."""
+    tokens, mask, corrupt, answer, others = prompts()
+    return train_batch(b=8), (tokens, mask), (tokens, corrupt, mask, answer, others)
+
+
+def run_data_parallel(model):
+    """The hot paths on `model` as placed (one device, or params on a mesh): TRAIN_STEPS masked train
+    steps, general-text metrics, residuals at the last token, a patching sweep. -> flat {name: array}."""
+    from jaxedit import readout
+    from jaxedit.eval.side_effects import general_text_metrics
+    from jaxedit.localize import activation_patching
+    from jaxedit.localize.metrics import logit_diff
+
+    batch, (tokens, mask), (clean, corrupt, sweep_mask, answer, others) = data_parallel_inputs()
+    trainable, losses, _ = run_train(model.params, model.cfg, batch)
+    text = general_text_metrics(model, tokens, mask, reference_params=model.params, batch_size=8)
+    resid = readout.resid_at(model.cfg, model.params, tokens, mask, mask.sum(1) - 1, batch_size=8)
+    sweep = activation_patching.patching_sweep(model.params, model.cfg, clean, corrupt, sweep_mask, metric=logit_diff,
+                                               metric_args=(answer, others), site="resid_pre")
+    return {"losses": losses, "text": np.array([text["ce"], text["accuracy"], text["kl"]]), "resid": resid,
+            "sweep": sweep.per_example} | _flat("trainable/", trainable)
+
+
+def _spy_batch_shards(seen: dict) -> None:
+    """Record the per-device shape of the first batch array each hot path's jitted program receives."""
+    import jax
+
+    from jaxedit import readout
+    from jaxedit.edit import train
+    from jaxedit.eval import side_effects
+    from jaxedit.localize import activation_patching
+
+    def spy(module, name, pick):
+        original = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            x = pick(args)
+            shard = x.sharding.shard_shape(x.shape) if isinstance(x, jax.Array) else x.shape  # numpy: not placed
+            seen.setdefault(name, (x.shape, shard))
+            return original(*args, **kwargs)
+        setattr(module, name, wrapped)
+
+    spy(train, "_train_step", lambda a: a[3]["forget"]["tokens"])
+    spy(side_effects, "_text_sums", lambda a: a[2])
+    spy(readout, "read_jit", lambda a: a[2])
+    spy(activation_patching, "_sweep", lambda a: a[1])
+
+
 def _flat(prefix, tree):
     import jax
 
@@ -89,6 +138,8 @@ def _flat(prefix, tree):
 
 
 def devices(out: Path, gemma3_dir, llama_dir):
+    import dataclasses
+
     import jax
 
     import jaxedit
@@ -117,6 +168,12 @@ def devices(out: Path, gemma3_dir, llama_dir):
     trainable, res["train_losses"], res["mu_shard"] = run_train(model.params, model.cfg, train_batch(),
                                                                 make_mesh(MeshSpec(2, 2, 2)))
     res |= _flat("trainable/", trainable)
+    seen = {}
+    _spy_batch_shards(seen)
+    mesh = make_mesh(MeshSpec(data=8))
+    placed = dataclasses.replace(model, params=shard_params(model.params, param_shardings(model.cfg, mesh)))
+    res |= _flat("dp/", run_data_parallel(placed))
+    res |= {f"dp_shard/{name}": np.array(shapes) for name, shapes in seen.items()}
     for spec in ((1, 8, 1), (1, 4, 2)):
         report = memory_report(config_from_hf(GEMMA2_9B), make_mesh(MeshSpec(*spec)), dtype="bfloat16")
         res[f"memory/{spec}"] = np.array([report[k]["per_device"] for k in ("params", "grads", "opt_state")])

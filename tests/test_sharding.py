@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 import jaxedit
-from _sharding_worker import GEMMA2_9B, prompts, run_train, train_batch, train_setup
+from _sharding_worker import GEMMA2_9B, prompts, run_data_parallel, run_train, train_batch, train_setup
 from jaxedit.edit import losses
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import activation_patching as ap
@@ -276,6 +276,22 @@ def test_masked_train_steps_over_8_devices_equal_one_device(eight_devices, tiny_
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
             worst = max(worst, _max_diff(got, ref))
     print(f"\nllama3_gqa, {len(want_losses)} masked steps: max |Δparam| 8 devices vs 1 = {worst:.3g}")
+
+
+def test_data_axis_gives_each_device_an_eighth_of_every_hot_paths_batch_and_one_devices_results(eight_devices,
+                                                                                                   tiny_dirs):
+    """Params on a data=8 mesh: training, general-text metrics, residual reads and a patching sweep get
+    their batches of 8 split one row per device, and return what the same calls return on one device."""
+    shards = {k.removeprefix("dp_shard/"): v for k, v in eight_devices.items() if k.startswith("dp_shard/")}
+    assert set(shards) == {"_train_step", "_text_sums", "read_jit", "_sweep"}
+    for name, (shape, shard) in shards.items():
+        assert shape[0] == 8 and tuple(shard) == (1, *shape[1:]), name
+    want = run_data_parallel(jaxedit.load(tiny_dirs["llama3_gqa"]))
+    worst = 0.0
+    for key, value in want.items():
+        np.testing.assert_allclose(eight_devices[f"dp/{key}"], value, rtol=1e-5, atol=1e-5, err_msg=key)
+        worst = max(worst, _max_diff(eight_devices[f"dp/{key}"], value))
+    print(f"\nllama3_gqa on data=8 vs 1 device: max |Δ| {worst:.3g} over {len(want)} outputs")
 
 
 def test_memory_report_on_real_8_device_mesh_matches_abstract(eight_devices):

@@ -1,8 +1,9 @@
 """`python -m jaxedit.sweep` end to end on a tiny random Llama with a real tokenizer.
 
 The reference is an uninterrupted single-process run of the same config; a run killed with SIGKILL
-and restarted, a run on 8 CPU devices with sharded parameters, and a run split over 2 processes
-through `jax.distributed` must give the same rows. Bad inputs give one line and write nothing.
+and restarted, a run on 8 CPU devices with sharded parameters and batches (data=2 × fsdp=2 ×
+tensor=2), and a run split over 2 processes through `jax.distributed` must give the same rows.
+Bad inputs give one line and write nothing.
 
 Time goes to XLA compiles, so the runs share a persistent compilation cache: the 2-process run goes
 first (see `two_processes`) and the reference loads most of its executables from there. The 8-device
@@ -146,12 +147,12 @@ def reference(tmp_path_factory, tiny_llama_dir, two_processes):
 
 @pytest.fixture(scope="module")
 def eight_devices(reference, tmp_path_factory):
-    """The reference's config on 8 CPU devices with sharded params, started in the background (awaited by
-    its test): (process, log, run dir). It reads the general text the reference sampled; its compilation
+    """The reference's config on 8 CPU devices (params and batches sharded), started in the background
+    (awaited by its test): (process, log, run dir). It reads the general text the reference sampled; its compilation
     cache is its own (its sharded programs are in no other run's, and it runs beside runs using the shared one)."""
     config, _, _ = reference
     tmp = tmp_path_factory.mktemp("eight")
-    config = dict(config, output=str(tmp / "runs"), mesh={"data": 1, "fsdp": 2, "tensor": 4})
+    config = dict(config, output=str(tmp / "runs"), mesh={"data": 2, "fsdp": 2, "tensor": 2})
     env = _env(xla_cache=tmp / "xla", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = _start([_write(tmp, config)], env, tmp / "log.txt")
     yield proc, tmp / "log.txt", tmp / "runs" / "small"

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from jaxedit.data.batching import bucket_length, cycling_order, first_tokens, fixed_batches
 from jaxedit.errors import JaxeditError
 from jaxedit.readout import read, read_prompts
+from jaxedit.sharding import on_data
 from jaxedit.tokenizer import pad
 
 KINDS = ("attention", "prefix")
@@ -205,7 +206,8 @@ def train_adversary(model, params, prompts: list[str], labels: list[str],
     """Train `settings.restarts` universal adversaries on (prompt, label) pairs; returns {name: [R,...]}.
 
     Objective: mean CE of the label tokens appended to each prompt, model params frozen (only read).
-    Restart r draws its own init (numpy seed (seed, r)) and batch order (seed (seed, r, 1)).
+    Restart r draws its own init (numpy seed (seed, r)) and batch order (seed (seed, r, 1)). Batches
+    [R,B,...] shard B over the 'data' axis of the mesh `params` live on (`sharding.on_data`).
     """
     params = model.params if params is None else params
     adversary = init_adversary(model.cfg.d_model, settings, seed)
@@ -221,7 +223,7 @@ def train_adversary(model, params, prompts: list[str], labels: list[str],
     for step in tqdm(range(settings.steps), file=sys.stderr, disable=not progress,
                      desc=f"soft-prompt {settings.kind}"):
         rows = orders[:, step * settings.batch_size:(step + 1) * settings.batch_size]  # [R,B]
-        batch = {key: jnp.asarray(value[rows]) for key, value in data.items()}
+        batch = on_data(params, {key: value[rows] for key, value in data.items()}, axis=1)
         adversary, opt_state, _ = _train_step(params, adversary, opt_state, batch, *scalars, model.cfg)
     return adversary
 
@@ -235,7 +237,7 @@ def attack_loss(model, params, adversary: dict, prompts: list[str], labels: list
     for _, rows, n_real in fixed_batches(len(prompts), batch_size):
         batch = {key: value[rows] for key, value in data.items()}
         batch["weights"] = batch["weights"] * (np.arange(batch_size) < n_real)[:, None]  # repeats count 0
-        sums, counts = _nll_sums(params, adversary, jax.tree.map(jnp.asarray, batch), model.cfg)
+        sums, counts = _nll_sums(params, adversary, on_data(params, batch), model.cfg)
         total, count = total + np.asarray(sums), count + np.asarray(counts)
     return total / count
 

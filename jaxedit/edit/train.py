@@ -29,6 +29,7 @@ from jaxedit.edit.lora import apply_lora, init_lora, side_params
 from jaxedit.edit.optim import AdamWSpec, apply_masked_updates, merge, split_trainable, trainable_part
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import components
+from jaxedit.sharding import on_data
 
 
 TERMS = ("forget", "maintain", "lm", "kl")
@@ -177,9 +178,11 @@ def train_step(trainable, frozen, opt_state, batch, cfg, loss_weights: LossWeigh
     mask lets change (`components.lowest_trained_layer`; 0 is always safe), no backward below it.
     The mask, lr, loss coefficients and frozen_below are data of one compiled program per (cfg,
     trainable structure and shapes, terms, optimizer spec).
+    The batch shards over the 'data' axis of the mesh `frozen` lives on (`sharding.on_data`).
     Donates trainable and opt_state. Returns (trainable, opt_state, metrics {'loss', 'grad_norm'
     (masked, before clipping), terms}).
     """
+    batch = on_data(frozen, batch)
     return _train_step(trainable, frozen, opt_state, batch, mask, jnp.float32(lr), loss_weights.coefficients(),
                        reference, jnp.int32(frozen_below), cfg=cfg, objective=loss_weights.objective(),
                        optimizer=optimizer, lora=lora, remat=remat)

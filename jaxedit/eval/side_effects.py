@@ -20,6 +20,7 @@ from jaxedit.data.batching import fixed_batches
 from jaxedit.errors import JaxeditError
 from jaxedit.models import core
 from jaxedit.readout import candidate_probs
+from jaxedit.sharding import on_data
 
 LETTERS = ("A", "B", "C", "D")
 MMLU_LAYOUT = ("<dir>/test/<subject>_test.csv (and <dir>/dev/<subject>_dev.csv for k-shot), no header, "
@@ -49,7 +50,8 @@ def general_text_metrics(model, tokens, mask, params=None, reference_params=None
     reference_params also the mean per-position KL(reference || params) over real positions.
 
     params default to model.params. Returns {'ce', 'accuracy', 'tokens' (real next tokens scored)}
-    and 'kl'. `fixed_batches` of batch_size rows (repeats masked out): one compile.
+    and 'kl'. `fixed_batches` of batch_size rows (repeats masked out): one compile; each batch shards
+    over the 'data' axis of the mesh `params` live on (`sharding.on_data`).
     """
     tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
     if tokens.ndim != 2 or tokens.shape != mask.shape or not len(tokens):
@@ -58,7 +60,7 @@ def general_text_metrics(model, tokens, mask, params=None, reference_params=None
     total = None
     for _, rows, n_real in fixed_batches(len(tokens), batch_size):
         m = mask[rows] * (np.arange(batch_size) < n_real)[:, None]  # repeated rows masked out
-        sums = _text_sums(params, reference_params, jnp.asarray(tokens[rows]), jnp.asarray(m), model.cfg)
+        sums = _text_sums(params, reference_params, *on_data(params, (tokens[rows], m)), model.cfg)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
     n_next = max(float(total["n_next"]), 1.0)

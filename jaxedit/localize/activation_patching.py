@@ -35,6 +35,7 @@ from jaxedit.localize import metrics
 from jaxedit.localize.corruptions import PromptPairs
 from jaxedit.models import core
 from jaxedit.models.config import ModelConfig
+from jaxedit.sharding import on_data
 
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
 UNIT_AXIS = {"resid_pre": None, "resid_mid": None, "resid_post": None, "attn_out": None, "mlp_out": None,
@@ -86,7 +87,8 @@ def patching_sweep(
     *metric_args) -> [B]; pass data (answer ids, ...) as `metric_args` so one compiled program
     serves every batch of the same shapes (a fresh `functools.partial` compiles anew).
     chunk_size: sites (position pairs, when by position) vmapped at once (bounds memory). prefix_reuse=False runs a full forward per
-    site (the reference the benchmark compares with).
+    site (the reference the benchmark compares with). The prompts shard over the 'data' axis of the mesh
+    `params` live on (`sharding.on_data`).
     """
     clean, corrupt, attention_mask = _inputs(clean, corrupt, attention_mask)
     if site not in UNIT_AXIS:
@@ -98,8 +100,10 @@ def patching_sweep(
         raise JaxeditError(f"chunk_size must be a positive int, got {chunk_size!r}")
     by_position = site in RESID_SITES if by_position is None else bool(by_position)
     target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    target, source, attention_mask, metric_args = on_data(params, (target, source, attention_mask,
+                                                                   tuple(jnp.asarray(a) for a in metric_args)))
     per_site, target_metric, source_metric = jax.device_get(_sweep(
-        params, target, source, attention_mask, tuple(jnp.asarray(a) for a in metric_args), cfg=cfg, metric=metric,
+        params, target, source, attention_mask, metric_args, cfg=cfg, metric=metric,
         site=site, by_position=by_position, chunk_size=chunk_size, prefix_reuse=prefix_reuse))
     denoise = direction == "denoise"
     clean_metric, corrupt_metric = (source_metric, target_metric) if denoise else (target_metric, source_metric)

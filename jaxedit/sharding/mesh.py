@@ -3,7 +3,8 @@
 Every param leaf has logical axis names (`models.params.param_axes`); `DEFAULT_RULES` maps each
 name to a mesh axis or None (replicated). A mesh axis that does not divide its dim is dropped for
 that leaf (replicated there) and the drop is reported as a note. Batches [B,...] shard on 'data'
-(replicated when B does not divide: the same values either way). Mesh axes are `AxisType.Auto`,
+(replicated when B does not divide: the same values either way); `on_data` places a hot path's
+batch by the mesh its params are on (data parallelism). Mesh axes are `AxisType.Auto`,
 so the library's plain (sharding-unaware) jitted code runs unchanged and XLA propagates the
 input shardings; `jax.make_mesh` alone would make them Explicit.
 """
@@ -141,12 +142,13 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, opt_state, shar
                                  transform_non_params=lambda _: replicated, is_leaf=_is_none)
 
 
-def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
-    """Sharding of an array [B,...] of rank `ndim`: B by the 'batch' rule ('data'), replicated if it does not divide."""
+def batch_sharding(mesh: Mesh, batch_size: int, ndim: int = 2, rules=DEFAULT_RULES, axis: int = 0) -> NamedSharding:
+    """Sharding of an array of rank `ndim` whose dim `axis` is the batch B: B by the 'batch' rule ('data'),
+    replicated if it does not divide."""
     spec, notes = logical_spec(("batch",), (batch_size,), mesh, rules, "batch")
     for note in notes:
         logger.debug("sharding: %s (replicated)", note)
-    return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, PartitionSpec(*([None] * axis), *spec, *([None] * (ndim - 1 - axis))))
 
 
 def shard_params(params, shardings):
@@ -154,6 +156,30 @@ def shard_params(params, shardings):
     return jax.device_put(params, like(params, shardings))
 
 
-def shard_batch(mesh: Mesh, tree, rules=DEFAULT_RULES):
-    """Every array [B,...] of `tree` placed with `batch_sharding` (its own B each)."""
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.shape(x)[0], np.ndim(x), rules)), tree)
+def shard_batch(mesh: Mesh, tree, rules=DEFAULT_RULES, axis: int = 0):
+    """Every array of `tree` placed with `batch_sharding`, dim `axis` its batch (its own B each); arrays
+    without that dim (scalars) replicated."""
+    def place(x):
+        if np.ndim(x) <= axis:
+            return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        return jax.device_put(x, batch_sharding(mesh, np.shape(x)[axis], np.ndim(x), rules, axis))
+
+    return jax.tree.map(place, tree)
+
+
+def data_mesh(params) -> Mesh | None:
+    """The mesh `params` are placed on, when its 'data' axis has more than one device; else None."""
+    for leaf in jax.tree.leaves(params):
+        placed = getattr(leaf, "sharding", None)
+        if isinstance(placed, NamedSharding) and _mesh_sizes(placed.mesh).get("data", 1) > 1:
+            return placed.mesh
+        return None
+    return None
+
+
+def on_data(params, tree, axis: int = 0):
+    """Data parallelism: every array of `tree` (dim `axis` its batch) sharded over the 'data' axis of the mesh
+    `params` live on, so each of its devices holds 1/data of the batch and computes that part; `tree`
+    unchanged when `params` are on no such mesh (one device, or data = 1)."""
+    mesh = data_mesh(params)
+    return tree if mesh is None else shard_batch(mesh, tree, axis=axis)
