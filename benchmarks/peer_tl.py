@@ -6,12 +6,15 @@ Runs in its own process in benchmarks/.venv-peer (TransformerLens and PEFT insta
 nothing of it is imported by jaxedit. Request (JSON):
   {"backend": "tl"|"hf", "model_dir": str, "clean": [[int]] [B,T], "corrupt": [[int]], "answer": [B],
    "other": [B], "tasks": [...], "sites": {task: [[i, j], ...]}, "threads": int,
-   "noise": [S,B,T,D] (causal tracing), "subject": [[bool]] [B,T]}
+   "noise": [S,B,T,D] (causal tracing), "subject": [[bool]] [B,T],
+   "train": {"tokens": [[int]] [B',T'], "answer": [B'], "other": [B'], "lora_rank": int} (train steps)}
 tasks: "resid_pre", "attn_z", "atp" (TL); "resid_pre", "attn_z", "forward", "forward_backward",
 "causal_tracing", "train_step", "lora_step" (HF). `sites` lists the (layer, pos), (layer, head) or,
 for causal tracing, (layer, head or H for the MLP) indices (a subset keeps the peer's time bounded;
 its rate per patched forward is what is compared). Patching metric: mean over prompts of the
-last-position logit difference logits[answer] − logits[other], patching clean into corrupt.
+last-position logit difference logits[answer] − logits[other], patching clean into corrupt. Every
+HF forward passes `logits_to_keep=1`: it unembeds the last position only, as jaxedit does (TL has
+no such option).
 Reply: {task: {"scores" or "value": ..., "seconds": float, "forwards": int}, "load_s": float,
 "versions": {...}}.
 """
@@ -148,7 +151,7 @@ def hf_run(req, clean, corrupt, answer, other):
                 lambda m, args, kwargs, l=l: saved.__setitem__(l, (args[0] if args else kwargs["hidden_states"]).clone()),
                 with_kwargs=True))
         with torch.no_grad():
-            hf(clean)
+            hf(clean, logits_to_keep=1)
         for h in hooks:
             h.remove()
         scores = []
@@ -164,10 +167,10 @@ def hf_run(req, clean, corrupt, answer, other):
                 return args, dict(kwargs, hidden_states=x)
             h = module(l).register_forward_pre_hook(patch, with_kwargs=True)
             with torch.no_grad():
-                scores.append(float(logit_diff(hf(corrupt).logits, answer, other)))
+                scores.append(float(logit_diff(hf(corrupt, logits_to_keep=1).logits, answer, other)))
             h.remove()
         out[task] = {"scores": scores, "seconds": time.perf_counter() - start, "forwards": len(scores) + 1}
-    out.update(hf_train_steps(req, hf, clean, answer, other))
+    out.update(hf_train_steps(req, hf))
     return out
 
 
@@ -197,12 +200,12 @@ def hf_dense_tasks(req, hf, clean, answer, other):
     out = {}
     if "forward" in req["tasks"]:
         with torch.no_grad():
-            value, seconds = _timed(lambda: float(logit_diff(hf(clean).logits, answer, other)))
+            value, seconds = _timed(lambda: float(logit_diff(hf(clean, logits_to_keep=1).logits, answer, other)))
         out["forward"] = {"value": value, "seconds": seconds, "forwards": 1}
     if "forward_backward" in req["tasks"]:
         def fwd_bwd():
             hf.zero_grad(set_to_none=True)
-            loss = logit_diff(hf(clean).logits, answer, other)
+            loss = logit_diff(hf(clean, logits_to_keep=1).logits, answer, other)
             loss.backward()
             return float(loss)
         value, seconds = _timed(fwd_bwd)
@@ -226,12 +229,12 @@ def hf_causal_tracing(req, hf, clean, answer):
         hooks.append(_mlp_out_module(layer).register_forward_hook(
             lambda m, args, output, i=i: saved.__setitem__(("mlp", i), output.clone())))
     with torch.no_grad():
-        p_clean = prob(hf(clean).logits)
+        p_clean = prob(hf(clean, logits_to_keep=1).logits)
     for h in hooks:
         h.remove()
     noised = _embedding(hf).register_forward_hook(lambda m, args, output: output + noise)
     with torch.no_grad():
-        p_corrupt = prob(hf(clean).logits)
+        p_corrupt = prob(hf(clean, logits_to_keep=1).logits)
     head_dim = saved[("z", 0)].shape[-1] // heads
     start = time.perf_counter()
     scores = []
@@ -245,7 +248,7 @@ def hf_causal_tracing(req, hf, clean, answer):
         else:
             h = _mlp_out_module(layers[l]).register_forward_hook(lambda m, args, output, l=l: saved[("mlp", l)])
         with torch.no_grad():
-            p = prob(hf(clean).logits)
+            p = prob(hf(clean, logits_to_keep=1).logits)
         h.remove()
         scores.append(float(((p - p_corrupt) / (p_clean - p_corrupt)).mean()))
     seconds = time.perf_counter() - start
@@ -253,19 +256,23 @@ def hf_causal_tracing(req, hf, clean, answer):
     return {"scores": scores, "seconds": seconds, "forwards": len(scores)}
 
 
-def hf_train_steps(req, hf, clean, answer, other):
-    """One AdamW micro-step on forget (answer) + maintain (other) cross-entropy at the last position:
-    MLP weights only ("train_step"), or PEFT LoRA r=8, alpha 16 on all linear layers ("lora_step")."""
+def hf_train_steps(req, hf):
+    """One AdamW micro-step on forget (answer) + maintain (other) cross-entropy at the last position of
+    the request's train batch: MLP weights only ("train_step"), or PEFT LoRA of rank r, alpha 2r, on all
+    linear layers ("lora_step")."""
     import torch.nn.functional as F
     out = {}
+    batch = req["train"]
+    clean = torch.tensor(batch["tokens"])
+    answer, other = torch.tensor(batch["answer"]), torch.tensor(batch["other"])
 
     def make_step(model, trainable):
         opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            logits = model(clean).logits[:, -1]
-            logits_m = model(clean).logits[:, -1]
+            logits = model(clean, logits_to_keep=1).logits[:, -1]
+            logits_m = model(clean, logits_to_keep=1).logits[:, -1]
             loss = F.cross_entropy(logits, answer) + F.cross_entropy(logits_m, other)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -287,7 +294,9 @@ def hf_train_steps(req, hf, clean, answer, other):
                 p.requires_grad_(True)
     if "lora_step" in req["tasks"]:
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+        rank = batch["lora_rank"]
+        model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                              target_modules="all-linear"))
         step = make_step(model, [p for p in model.parameters() if p.requires_grad])
         first = step()
         _, seconds = _timed(step)

@@ -32,7 +32,7 @@ HERE = Path(__file__).parent
 PEER_PY = HERE / ".venv-peer" / "bin" / "python"
 GPT2 = "gpt2-small-random"
 TRACING_KEY = jax.random.key(0)
-TRAIN_LABEL, LORA_LABEL = "masked train step (MLPs)", "LoRA step (r=8, all linears)"
+TRAIN_LABEL, LORA_LABEL = "masked train step (MLPs)", "LoRA step (all linears)"
 RESID_LABEL, HEADS_LABEL = "patch resid_pre L×T prefix-reuse", "patch attn_z L×H prefix-reuse"
 TRACING_LABEL = "causal tracing heads+MLPs (1 noise samples)"
 
@@ -119,8 +119,9 @@ def row(model, path, first, steady, *, forwards, tokens, flop, matmul, impl="jax
 # ---------------------------------------------------------------- jaxedit hot paths
 
 
-def run_jaxedit(name, model, p, matmul, repeats, chunk) -> tuple[list[dict], dict]:
-    """Rows of every hot path for one model, and the score arrays the peers are checked against."""
+def run_jaxedit(name, model, p, matmul, repeats, chunk, train_p, lora_rank) -> tuple[list[dict], dict]:
+    """Rows of every hot path for one model (patching on prompts `p`, train steps on `train_p`), and the
+    score arrays the peers are checked against."""
     cfg, params = model.cfg, model.params
     b, t = p["clean"].shape
     clean, corrupt, mask = (jnp.asarray(p[k]) for k in ("clean", "corrupt", "mask"))
@@ -185,7 +186,7 @@ def run_jaxedit(name, model, p, matmul, repeats, chunk) -> tuple[list[dict], dic
                     forwards=n_sets * samples, tokens=n_sets * samples * b * t,
                     flop=flops.tracing(cfg, b, t, samples), matmul=matmul, sites=n_sets))
 
-    train, first_losses = train_rows(name, model, p, matmul, repeats)
+    train, first_losses = train_rows(name, model, train_p, matmul, repeats, lora_rank)
     scores.update(first_losses)
     return rows + train, scores
 
@@ -198,9 +199,11 @@ def tracing_noise(model, p) -> tuple[np.ndarray, float]:
     return np.asarray(noise), float(scale)
 
 
-def train_rows(name, model, p, matmul, repeats) -> tuple[list[dict], dict]:
-    """One masked micro-step (all MLPs trainable) and one LoRA (rank 8, all linears) micro-step; their rows and
-    the loss of each's first step (at the loaded weights: what the peer's first step must also give)."""
+def train_rows(name, model, p, matmul, repeats, lora_rank: int) -> tuple[list[dict], dict]:
+    """One masked micro-step (all MLPs trainable) and one LoRA (rank `lora_rank`, alpha 2·rank, all linears)
+    micro-step on the forget (answer) and maintain (other) batches of `p`; their rows and the loss of each's
+    first step (at the loaded weights: what the peer's first step must also give). Params placed on a mesh
+    with a 'data' axis shard the batch there (`sharding.on_data`)."""
     cfg, params = model.cfg, model.params
     b, t = p["clean"].shape
     part = {"tokens": jnp.asarray(p["clean"]), "mask": jnp.asarray(p["mask"]), "target": jnp.asarray(p["answer"])}
@@ -211,7 +214,7 @@ def train_rows(name, model, p, matmul, repeats) -> tuple[list[dict], dict]:
         lambda path, a: np.full((1,) * a.ndim, any(getattr(k, "key", None) == "mlp" for k in path)), params)
     trainable, frozen = optim.split_trainable(params, mlp_mask)
     tmask = optim.trainable_part(mlp_mask)
-    spec = train.LoraSpec(8, 16.0)
+    spec = train.LoraSpec(lora_rank, 2.0 * lora_rank)
     adapters = lora_mod.init_lora(params, spec.rank, jax.random.key(1))
     amask = jax.tree.map(lambda a: np.ones((1,) * a.ndim, bool), adapters)
     for task, label, tr, fr, m, lora in (("train_step", TRAIN_LABEL, trainable, frozen, tmask, None),
@@ -228,7 +231,9 @@ def train_rows(name, model, p, matmul, repeats) -> tuple[list[dict], dict]:
 
         first, steady = timed(step, repeats=max(repeats, 3))
         rows.append(row(name, label, first, steady, forwards=2, tokens=2 * b * t,
-                        flop=flops.train_step(cfg, b, t, lora=lora is not None), matmul=matmul))
+                        flop=flops.train_step(cfg, b, t, lora=lora is not None), matmul=matmul, batch=f"{b}×{t}",
+                        devices=len(jax.tree.leaves(params)[0].sharding.device_set),
+                        **({"lora_rank": lora_rank} if lora else {})))
     return rows, first_losses
 
 
@@ -244,7 +249,7 @@ def peer_sites(n_layers: int, n_cols: int, k: int) -> list[list[int]]:
 HF_TASKS = ("resid_pre", "attn_z", "forward", "forward_backward", "causal_tracing", "train_step", "lora_step")
 
 
-def run_peer(backend, name, model, p, n_sites, threads) -> dict:
+def run_peer(backend, name, model, p, n_sites, threads, train_p, lora_rank) -> dict:
     """The peer's reply for one model (`peer_tl.py` in benchmarks/.venv-peer), or {"error": one line}."""
     cfg, t = model.cfg, p["clean"].shape[1]
     if not PEER_PY.exists():
@@ -255,6 +260,8 @@ def run_peer(backend, name, model, p, n_sites, threads) -> dict:
                      "attn_z": peer_sites(cfg.n_layers, cfg.n_heads, n_sites),
                      "causal_tracing": peer_sites(cfg.n_layers, cfg.n_heads + 1, n_sites)},
            "noise": tracing_noise(model, p)[0].tolist(), "subject": p["subject"].tolist(),
+           "train": {"tokens": train_p["clean"].tolist(), "answer": train_p["answer"].tolist(),
+                     "other": train_p["other"].tolist(), "lora_rank": lora_rank},
            **{k: p[k].tolist() for k in ("clean", "corrupt", "answer", "other")}}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run([str(PEER_PY), str(HERE / "peer_tl.py")], input=json.dumps(req), capture_output=True,
@@ -266,18 +273,21 @@ def run_peer(backend, name, model, p, n_sites, threads) -> dict:
     return out
 
 
-def peer_rows(backend, name, cfg, p, peer, ours, matmul, jx_rows) -> list[dict]:
-    """One row per task the peer ran: its rate, FLOP/s, agreement with jaxedit and jaxedit's speed-up."""
+def peer_rows(backend, name, cfg, p, peer, ours, matmul, jx_rows, train_p) -> list[dict]:
+    """One row per task the peer ran: its rate, FLOP/s, agreement with jaxedit and jaxedit's speed-up.
+    HF unembeds the last position only (`logits_to_keep=1`, as jaxedit); TL every position."""
     impl = {"tl": "TransformerLens", "hf": "HF-torch"}[backend]
     if "error" in peer:
         return [{"model": name, "path": "peer", "impl": impl, "error": peer["error"]}]
     b, t = p["clean"].shape
     jx = {r["path"]: r for r in jx_rows}
-    full = flops.forward(cfg, b, t, unembed_positions=t)  # peers unembed every position
+    kept = t if backend == "tl" else 1
+    full = flops.forward(cfg, b, t, unembed_positions=kept)
+    tb, tt = train_p["clean"].shape
     rows = []
 
-    def add(label, res, flop, diff, speedup, **extra):
-        r = row(name, label, res["seconds"], res["seconds"], forwards=res["forwards"], tokens=res["forwards"] * b * t,
+    def add(label, res, flop, diff, speedup, tokens=b * t, **extra):
+        r = row(name, label, res["seconds"], res["seconds"], forwards=res["forwards"], tokens=res["forwards"] * tokens,
                 flop=flop, matmul=matmul, impl=impl, max_abs_diff=diff, jaxedit_over_peer=round(speedup, 2), **extra)
         r["compile_s"] = None
         r["peak_rss_mb"] = round(peer.get("peak_rss_mb", 0))
@@ -291,17 +301,21 @@ def peer_rows(backend, name, cfg, p, peer, ours, matmul, jx_rows) -> list[dict]:
             add(label.replace(" prefix-reuse", ""), dict(res, forwards=n), full * n,
                 float(np.abs(np.asarray(res["scores"]) - mine).max()), jx[label]["fwd_per_s"] * res["seconds"] / n,
                 sites=n, max_abs_score=float(np.abs(mine).max()))
-    dense = (("forward", "forward", full), ("forward_backward", "forward+backward (param grads)", 3 * full),
-             ("train_step", TRAIN_LABEL, flops.train_step(cfg, b, t, lora=False, unembed_positions=t)),
-             ("lora_step", LORA_LABEL, flops.train_step(cfg, b, t, lora=True, unembed_positions=t)))
-    for task, label, flop in dense:
+    for task, label in (("forward", "forward"), ("forward_backward", "forward+backward (param grads)")):
         if task in peer:
             res = peer[task]
-            add(label, res, flop, abs(res["value"] - ours[task]), res["seconds"] / jx[label]["steady_s"])
+            add(label, res, full * (3 if task == "forward_backward" else 1), abs(res["value"] - ours[task]),
+                res["seconds"] / jx[label]["steady_s"])
+    for task, label in (("train_step", TRAIN_LABEL), ("lora_step", LORA_LABEL)):
+        if task in peer:
+            res = peer[task]
+            add(label, res, flops.train_step(cfg, tb, tt, lora=task == "lora_step"), abs(res["value"] - ours[task]),
+                res["seconds"] / jx[label]["steady_s"], tokens=tb * tt, batch=f"{tb}×{tt}",
+                **({"lora_rank": jx[label]["lora_rank"]} if task == "lora_step" else {}))
     if "atp" in peer:
         res = peer["atp"]
         diff = max(float(np.abs(np.asarray(res["scores"][s]) - ours["atp"][s]).max()) for s in res["scores"])
         scale = max(float(np.abs(ours["atp"][s]).max()) for s in res["scores"])
-        add("attribution patching (resid_pre, attn_z, mlp_out)", res, flops.atp(cfg, b, t, unembed_positions=t),
+        add("attribution patching (resid_pre, attn_z, mlp_out)", res, flops.atp(cfg, b, t, unembed_positions=kept),
             diff, res["seconds"] / jx["attribution patching (all sites)"]["steady_s"], max_abs_score=scale)
     return rows

@@ -27,7 +27,7 @@ LOGIT_READS = ("logits", "candidates", "log_probs", "top")
 
 
 def read(params, cfg, tokens, mask, reads: tuple[str, ...], positions=None, columns=None, ids=None,
-         embed_hook=None, remat: bool = False, frozen_below=None) -> dict[str, jax.Array]:
+         embed_hook=None, remat: bool = False, frozen_below: int = 0) -> dict[str, jax.Array]:
     """One forward of tokens/mask [B,T] read at positions [B,P] (default: each row's last real token).
 
     reads (any of): 'logits' [B,P,V]; 'candidates' [B,P,C] float32 softmax over the logits of token

@@ -90,10 +90,12 @@ def test_frozen_parameters_bit_identical_after_training(model, batch, dtype, ter
 
 
 def test_masks_of_one_group_lrs_and_coefficients_share_one_compiled_step(model, batch):
-    """w_down of layer 0, then w_up + w_gate of layer 2 (other matrices of the same group), then neurons, with
-    other lrs and forget coefficients: one program; the matrices outside each mask keep their bits."""
+    """w_down of layer 0, then w_up + w_gate of layer 1 (other matrices of the same group), then neurons, with
+    other lrs and forget coefficients: one program; the matrices outside each mask keep their bits. Then
+    w_up of layer 2: one more program, the one that runs layers 0-1 without a backward (`frozen_prefix`)."""
     masks = [C.trainable_mask(C.Components.make(kinds, layers, index), CFG) for kinds, layers, index in (
-        (["w_down"], [0], None), (["w_up", "w_gate"], [2, 2], None), (["neuron"] * 2, [1, 1], [3, 7]))]
+        (["w_down"], [0], None), (["w_up", "w_gate"], [1, 1], None), (["neuron"] * 2, [1, 1], [3, 7]),
+        (["w_up"], [2], None))]
     base = jax.tree.map(np.asarray, model.params)
     with CompileCounter() as counter:
         for i, mask in enumerate(masks):
@@ -105,7 +107,9 @@ def test_masks_of_one_group_lrs_and_coefficients_share_one_compiled_step(model, 
                 frozen = ~np.broadcast_to(m, before.shape)
                 assert np.array_equal(after[frozen], before[frozen]), path
                 assert np.any(m) == (not np.array_equal(after, before)), path
-    assert counter.counts["jit(_train_step)"] == 1
+            if i == 2:
+                assert counter.counts["jit(_train_step)"] == 1
+    assert counter.counts["jit(_train_step)"] == 2
 
 
 def test_lora_changes_only_adapters(model, batch):
@@ -164,6 +168,12 @@ def test_lowest_trained_layer_of_masks():
     assert C.lowest_trained_layer(no_layer, CFG.n_layers) == CFG.n_layers
     no_layer["final_norm"] = jax.tree.map(lambda m: np.ones_like(m), no_layer["final_norm"])
     assert C.lowest_trained_layer(no_layer, CFG.n_layers) == 0  # a leaf outside the stack
+    neuron = mask(["neuron"], [2], [5])
+    assert C.frozen_prefix(neuron, 3) == 2 and C.frozen_prefix(mask(["mlp"], [1], [-1]), 3) == 0  # steps of 2
+    deep = {"layers": {"mlp": {"w_up": np.zeros((18, 1, 1), bool)}}}
+    for lowest, prefix in ((2, 0), (4, 0), (5, 5), (9, 5), (10, 10), (17, 15)):  # steps of ⌈18/4⌉ = 5
+        deep["layers"]["mlp"]["w_up"][:] = np.arange(18)[:, None, None] == lowest
+        assert C.frozen_prefix(deep, 18) == prefix, lowest
 
 
 def test_frozen_prefix_backward_gives_the_full_backwards_gradients_above_it_and_none_below(model, batch):
@@ -178,8 +188,8 @@ def test_frozen_prefix_backward_gives_the_full_backwards_gradients_above_it_and_
         return loss_terms(tr, frozen, batch, CFG, weights.objective(), weights.coefficients(),
                           frozen_below=frozen_below)[0]
 
-    grad = jax.jit(jax.value_and_grad(loss))
-    (got, got_grads), (want, want_grads) = grad(trainable, jnp.int32(k)), grad(trainable, None)
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (got, got_grads), (want, want_grads) = grad(trainable, k), grad(trainable, 0)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for path, g in mask_leaves(got_grads):
         g, w = np.asarray(g), np.asarray(_get(want_grads, path))
@@ -191,6 +201,36 @@ def test_frozen_prefix_backward_gives_the_full_backwards_gradients_above_it_and_
             assert not g.any() and np.abs(w).max() > 0, path
         else:
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(), err_msg=str(path))
+
+
+def test_frozen_prefix_gradient_equals_float64_finite_differences(model, batch):
+    """Along random directions of every parameter at or above layer k, the frozen-prefix gradient's
+    directional derivative equals central differences of the plain loss in float64."""
+    weights = LossWeights(forget=1.0, maintain=1.0, lm=1.0)
+    k, eps = 2, 1e-6
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.params)
+        mask = jax.tree.map(np.ones_like, C.trainable_mask(C.Components.make(["mlp"], [0], [-1]), CFG))
+        trainable, frozen = split_trainable(params, mask)
+
+        def loss(tr, frozen_below=0):
+            return loss_terms(tr, frozen, batch, CFG, weights.objective(), weights.coefficients(),
+                              frozen_below=frozen_below)[0]
+
+        grads = jax.jit(jax.grad(loss), static_argnums=1)(trainable, k)
+        rng = np.random.default_rng(1)
+        for _ in range(3):
+            def direction(path, a):
+                d = rng.normal(size=a.shape)
+                if path[0].key == "layers":
+                    d[:k] = 0.0
+                return jnp.asarray(0.0 * d if path[0].key == "embed" else d)
+            d = jax.tree_util.tree_map_with_path(direction, trainable)
+            step = lambda sign: jax.tree.map(lambda a, b: a + sign * eps * b, trainable, d)  # noqa: E731
+            numeric = (float(loss(step(1))) - float(loss(step(-1)))) / (2 * eps)
+            analytic = sum(float((g * v).sum()) for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(d)))
+            assert abs(numeric) > 1e-3
+            np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
 
 
 def test_lora_merged_view_is_w_plus_scaled_low_rank_map(model):

@@ -70,7 +70,7 @@ def kl_loss(reference_logits: jax.Array, logits: jax.Array, attention_mask: jax.
 
 
 def last_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False,
-                frozen_below=None) -> jax.Array:
+                frozen_below: int = 0) -> jax.Array:
     """Logits [B,V] after each prompt, unembedding only the last real position (`readout.read`).
 
     frozen_below: no backward below that layer (`core.run_layers`)."""
@@ -79,7 +79,7 @@ def last_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array,
 
 
 def next_token_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array,
-                      remat: bool = False, frozen_below=None) -> jax.Array:
+                      remat: bool = False, frozen_below: int = 0) -> jax.Array:
     """Logits [B,T-1,V] at positions 0..T-2 (the ones with a next token); frozen_below as in `last_logits`."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t - 1)[None], (b, t - 1))

@@ -125,11 +125,11 @@ def trained_params(trainable, frozen, lora: LoraSpec | None = None) -> dict:
 
 
 def loss_terms(trainable, frozen, batch: dict, cfg, objective: Objective, coefs: dict, lora: LoraSpec | None = None,
-               reference=None, remat: bool = False, frozen_below=None) -> tuple[jax.Array, dict]:
+               reference=None, remat: bool = False, frozen_below: int = 0) -> tuple[jax.Array, dict]:
     """(total loss, {term: value}) of one batch: the sum of coefs[term] · term over `objective.terms`.
 
-    frozen_below: the lowest layer that can train (`components.lowest_trained_layer`); no backward runs
-    through the layers below it (`core.run_layers`)."""
+    frozen_below: no backward runs through the layers below it (`core.run_layers`); at most the lowest
+    layer that can train (`components.frozen_prefix`)."""
     params = full_params(trainable, frozen, lora)
     terms = {}
     for name in ("forget", "maintain"):
@@ -158,9 +158,10 @@ def loss_terms(trainable, frozen, batch: dict, cfg, objective: Objective, coefs:
     return total, terms
 
 
-@partial(jax.jit, static_argnames=("cfg", "objective", "optimizer", "lora", "remat"), donate_argnums=(0, 2))
-def _train_step(trainable, frozen, opt_state, batch, mask, lr, coefs, reference, frozen_below, *, cfg,
-                objective: Objective, optimizer: AdamWSpec, lora: LoraSpec | None, remat: bool):
+@partial(jax.jit, static_argnames=("cfg", "objective", "optimizer", "lora", "remat", "frozen_below"),
+         donate_argnums=(0, 2))
+def _train_step(trainable, frozen, opt_state, batch, mask, lr, coefs, reference, *, cfg, objective: Objective,
+                optimizer: AdamWSpec, lora: LoraSpec | None, remat: bool, frozen_below: int):
     grad_fn = jax.value_and_grad(loss_terms, has_aux=True)
     (total, terms), grads = grad_fn(trainable, frozen, batch, cfg, objective, coefs, lora, reference, remat,
                                     frozen_below)
@@ -174,18 +175,18 @@ def train_step(trainable, frozen, opt_state, batch, cfg, loss_weights: LossWeigh
                lr: float, reference=None, lora: LoraSpec | None = None, remat: bool = False, frozen_below: int = 0):
     """One micro-step: gradients w.r.t. the trainable leaves only, masked AdamW update (`optimizer(mask, lr)`).
 
-    mask: the trainable leaves' masks (`optim.trainable_part`); frozen_below: the lowest layer the
-    mask lets change (`components.lowest_trained_layer`; 0 is always safe), no backward below it.
-    The mask, lr, loss coefficients and frozen_below are data of one compiled program per (cfg,
-    trainable structure and shapes, terms, optimizer spec).
+    mask: the trainable leaves' masks (`optim.trainable_part`); the mask, lr and loss coefficients are
+    data of one compiled program per (cfg, trainable structure and shapes, terms, optimizer spec,
+    frozen_below). frozen_below: no backward below that layer (`components.frozen_prefix` of the
+    mask; 0 is always exact).
     The batch shards over the 'data' axis of the mesh `frozen` lives on (`sharding.on_data`).
     Donates trainable and opt_state. Returns (trainable, opt_state, metrics {'loss', 'grad_norm'
     (masked, before clipping), terms}).
     """
     batch = on_data(frozen, batch)
     return _train_step(trainable, frozen, opt_state, batch, mask, jnp.float32(lr), loss_weights.coefficients(),
-                       reference, jnp.int32(frozen_below), cfg=cfg, objective=loss_weights.objective(),
-                       optimizer=optimizer, lora=lora, remat=remat)
+                       reference, cfg=cfg, objective=loss_weights.objective(), optimizer=optimizer, lora=lora,
+                       remat=remat, frozen_below=frozen_below)
 
 
 def _cast(params, dtype: str):
@@ -222,7 +223,7 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
         trainable, frozen = split_trainable(params, mask, keep)
         trainable = jax.tree.map(jnp.copy, trainable)  # train_step donates it; model.params stay valid
         tmask = trainable_part(mask, keep)
-        frozen_below = components.lowest_trained_layer(mask, model.cfg.n_layers)
+        frozen_below = components.frozen_prefix(mask, model.cfg.n_layers)
     if not jax.tree.leaves(trainable):
         raise JaxeditError("the mask selects no parameter: pick a localization with at least one component")
     optimizer = AdamWSpec(settings.steps, settings.warmup, settings.weight_decay, settings.clip_norm,

@@ -259,39 +259,36 @@ def run_layers(
     edits: dict[str, SiteEdit],
     capture: tuple[str, ...],
     remat: bool = False,
-    frozen_below: jax.Array | int | None = None,
+    frozen_below: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scan layers (params with a leading L' axis) over residual x [B,T,D].
 
     Returns the final residual and captures {site: [L',B,T,...]}. Works on any contiguous slice of
-    layers (pass the matching slices of `consts` and `edits`). frozen_below (may be traced, needs
-    no edits or captures): layers of index < frozen_below run under stop_gradient in a `lax.cond`
-    branch, so a backward pass stops at the lowest layer that can train instead of running through
-    the frozen ones below it (the values are the same; gradients below it are zero).
+    layers (pass the matching slices of `consts` and `edits`). frozen_below (a static int; no edits
+    or captures with it): the first frozen_below layers run as their own scan under stop_gradient,
+    so a backward pass stops at layer frozen_below instead of running through the frozen layers
+    below it (the same values; the gradients of those layers and of x are zero).
     """
     layer_capture = tuple(s for s in capture if s != EMBED_SITE)
     layer_edits = {k: v for k, v in edits.items() if k != EMBED_SITE}
-    if frozen_below is not None and (layer_edits or layer_capture):
-        raise JaxeditError("run_layers(frozen_below=...) is for training graphs: pass no edits or captures with it")
+    if frozen_below:
+        if layer_edits or layer_capture:
+            raise JaxeditError("run_layers(frozen_below=...) is for training graphs: pass no edits or captures with it")
+        part = lambda tree, rows: jax.tree.map(lambda a: a[rows], tree)  # noqa: E731
+        below, above = slice(None, frozen_below), slice(frozen_below, None)
+        x, _ = run_layers(cfg, *jax.lax.stop_gradient((part(layers, below), part(consts, below), x)), ctx, {}, (),
+                          remat)
+        return run_layers(cfg, part(layers, above), part(consts, above), jax.lax.stop_gradient(x), ctx, {}, (), remat)
 
     def body(x, scanned):
-        lp, inv_freq, is_local, layer_edits, index = scanned
+        lp, inv_freq, is_local, layer_edits = scanned
         site = Sites(layer_edits, layer_capture)
-        if frozen_below is None:
-            return block(cfg, lp, x, ctx, inv_freq, is_local, site), site.captured
-
-        def live(x, lp):
-            return block(cfg, lp, x, ctx, inv_freq, is_local, site)
-
-        def frozen(x, lp):
-            return live(*jax.lax.stop_gradient((x, lp)))
-
-        return jax.lax.cond(index < frozen_below, frozen, live, x, lp), {}
+        x = block(cfg, lp, x, ctx, inv_freq, is_local, site)
+        return x, site.captured
 
     if remat:
         body = jax.checkpoint(body)
-    index = jnp.arange(jax.tree.leaves(layers)[0].shape[0])
-    return jax.lax.scan(body, x, (layers, consts.inv_freq, consts.is_local, layer_edits, index))
+    return jax.lax.scan(body, x, (layers, consts.inv_freq, consts.is_local, layer_edits))
 
 
 def run_from(
@@ -382,7 +379,7 @@ def forward(
     capture: tuple[str, ...] = (),
     remat: bool = False,
     embed_hook=None,
-    frozen_below: jax.Array | int | None = None,
+    frozen_below: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Logits and captured activations of a (padded) batch.
 
