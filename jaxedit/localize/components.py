@@ -197,7 +197,7 @@ def frozen_prefix(mask: dict, n_layers: int) -> int:
     rounded down to a multiple of max(2, ⌈n_layers/4⌉) (it is a static argument, so a sweep builds at
     most 4 variants of a step; a backward through a layer or two is cheaper than another compile)."""
     step = max(2, -(-n_layers // 4))
-    return min(lowest_trained_layer(mask, n_layers), n_layers) // step * step
+    return lowest_trained_layer(mask, n_layers) // step * step
 
 
 def _mask_tree(shapes: dict, leaves: dict[str, np.ndarray], prefix: tuple[str, ...] = ()) -> dict:

@@ -169,11 +169,10 @@ def shard_batch(mesh: Mesh, tree, rules=DEFAULT_RULES, axis: int = 0):
 
 def data_mesh(params) -> Mesh | None:
     """The mesh `params` are placed on, when its 'data' axis has more than one device; else None."""
-    for leaf in jax.tree.leaves(params):
-        placed = getattr(leaf, "sharding", None)
-        if isinstance(placed, NamedSharding) and _mesh_sizes(placed.mesh).get("data", 1) > 1:
-            return placed.mesh
-        return None
+    leaves = jax.tree.leaves(params)
+    placed = getattr(leaves[0], "sharding", None) if leaves else None
+    if isinstance(placed, NamedSharding) and _mesh_sizes(placed.mesh).get("data", 1) > 1:
+        return placed.mesh
     return None
 
 
