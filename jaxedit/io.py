@@ -2,6 +2,7 @@
 
 `staged(target)` yields a temporary path beside `target` and renames it onto `target` only when
 the block succeeds (a file is fsynced first), so readers see the old `target` or the whole new one.
+`exclusive(target)` holds a lock beside `target` so concurrent processes build it one at a time.
 `say` prints a progress line `[HH:MM:SS] message` on stderr through the `jaxedit` logger;
 library notes go to the same logger at DEBUG (hidden unless its level is lowered).
 """
@@ -9,6 +10,7 @@ library notes go to the same logger at DEBUG (hidden unless its level is lowered
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -18,6 +20,16 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def exclusive(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the file `<target>.lock` (created) until the block ends; other holders wait."""
+    lock_path = Path(f"{os.fspath(target)}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @contextlib.contextmanager

@@ -1,4 +1,3 @@
-import fcntl
 import functools
 import os
 import sys
@@ -47,9 +46,10 @@ def hf_gguf_reference(name: str):
 
     from jaxedit.models import registry
 
+    from jaxedit.io import exclusive
+
     saved = _shared_folder() / f"dequantized-{name}"
-    with open(saved.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(saved):
         if not saved.is_dir():
             path = registry.gguf_file(name)
             kwargs = {"gguf_file": path.name}

@@ -1,5 +1,6 @@
 """GGUF -> HF conversion against transformers' own GGUF loading; the registry's names, cache and errors."""
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -245,6 +246,26 @@ def test_tiny_llama_round_trip_undoes_the_rope_permutation(tmp_path, monkeypatch
     summary = (config.model_type, config.head_dim, config.num_key_value_heads, config.rms_norm_eps)
     assert summary == ("llama", 4, 1, 1e-5)
     assert config.tie_word_embeddings
+
+
+def test_concurrent_resolves_convert_once(tmp_path, monkeypatch):
+    """Two processes (here threads, each with its own lock file handle) resolving one GGUF: one converts, the other
+    waits for its directory."""
+    monkeypatch.setattr(gguf_convert, "_save_tokenizer", lambda *args: None)
+    monkeypatch.setenv("JAXEDIT_CACHE", str(tmp_path / "cache"))
+    _write_gguf(tmp_path / "tiny.gguf", "llama", _tiny_llama(np.random.default_rng(0))[1])
+    registry.file_sha256(tmp_path / "tiny.gguf")  # the checksum index is written before the threads start
+    conversions = []
+
+    def slow_convert(*args):
+        conversions.append(args)
+        time.sleep(0.5)  # the other thread reaches the cache meanwhile
+        return gguf_convert.convert_gguf_to_hf_dir(*args)
+
+    monkeypatch.setattr(registry, "convert_gguf_to_hf_dir", slow_convert)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        dirs = list(pool.map(registry.resolve, [tmp_path / "tiny.gguf"] * 2))
+    assert len(conversions) == 1 and dirs[0] == dirs[1] and (dirs[0] / "model.safetensors").is_file()
 
 
 def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):

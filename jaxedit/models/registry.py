@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from jaxedit.errors import JaxeditError
-from jaxedit.io import atomic_write, say, staged
+from jaxedit.io import atomic_write, exclusive, say, staged
 from jaxedit.models.gguf_convert import CONVERTER_VERSION, convert_gguf_to_hf_dir
 
 _PIP = {
@@ -77,9 +77,12 @@ def _converted(source: _Source, label: str) -> Path:
     out_dir = cache_dir() / "hf" / f"{source.sha256}-v{CONVERTER_VERSION}"
     if out_dir.is_dir():
         return out_dir
-    gguf_path = source.fetch()
-    say(f"converting {label} to a HF directory in {out_dir} (this happens once)")
-    return convert_gguf_to_hf_dir(gguf_path, out_dir)
+    with exclusive(out_dir):  # a concurrent process converting the same file: wait for its result
+        if out_dir.is_dir():
+            return out_dir
+        gguf_path = source.fetch()
+        say(f"converting {label} to a HF directory in {out_dir} (this happens once)")
+        return convert_gguf_to_hf_dir(gguf_path, out_dir)
 
 
 def _registry_source(name: str) -> _Source:
@@ -116,12 +119,15 @@ def _assemble(name: str, module) -> Path:
     target = cache_dir() / "gguf" / module.MODEL_NAME
     if target.is_file():
         return target
-    say(f"assembling {module.MODEL_NAME} from its package")
-    try:
-        with staged(target) as partial:
-            module.assemble(partial, overwrite=True)
-    except (ImportError, FileNotFoundError) as exc:
-        raise _missing_package(name) from exc
+    with exclusive(target):
+        if target.is_file():
+            return target
+        say(f"assembling {module.MODEL_NAME} from its package")
+        try:
+            with staged(target) as partial:
+                module.assemble(partial, overwrite=True)
+        except (ImportError, FileNotFoundError) as exc:
+            raise _missing_package(name) from exc
     return target
 
 
