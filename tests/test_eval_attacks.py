@@ -150,16 +150,18 @@ def test_full_finetuning_mask_is_all_linear_weights(smol):
     assert not np.any(mask["embed"]["tokens"])
 
 
-def test_run_experiment_end_to_end(smol, team):
+def test_run_experiment_end_to_end(tiny_llama_dir, team):
+    """Every stage on a 2-layer random Llama with SmolLM2's tokenizer (the shapes and keys, not the numbers, matter)."""
+    smol = jaxedit.load(str(tiny_llama_dir))
     task = SportsTask(team[:9])  # 4 forget, 4 maintain train, 1 maintain test (the filter keeps all at threshold 0)
-    settings = Settings(data=DataSettings(n_forget=4, known_threshold=0.0), localize=LocalizeSettings(flu_layers=(2, 3)),
+    settings = Settings(data=DataSettings(n_forget=4, known_threshold=0.0), localize=LocalizeSettings(flu_layers=(0, 1)),
                         train=TrainSettings(lr=1e-4, accumulate=1, steps=2), general_text=GeneralTextSettings(n=0),
                         eval=EvalSettings(probe_steps=10),
                         relearn=RelearnSettings(lora_rank=2, steps=2, eval_at=(0, 2), accumulate=1),
                         soft_prompt=SoftPromptSettings(kind="prefix", n_vectors=2, steps=2, batch_size=2, restarts=2))
     split = task.split(smol, settings.data)
     prepared = prepare(smol, task, split, settings, ("manual_interp",))
-    assert prepared.scores == [{"flu_layers": (2, 3)}]  # given FLU layers: no fact lookup, no AP/CT for this one
+    assert prepared.scores == [{"flu_layers": (0, 1)}]  # given FLU layers: no fact lookup, no AP/CT for this one
     out = run_experiment(smol, task, prepared, "manual_interp", settings)
     keys = set(COLUMNS) | {"probe_gt_last", "probe_edit_last", "relearn_forget", "relearn_maintain", "n_params",
                            "selection_score", "time/localize", "time/edit", "time/eval_after", "time/probe",
