@@ -126,34 +126,39 @@ def test_lora_changes_only_adapters(model, batch):
 
 
 def test_lora_side_path_gives_the_merged_computations_loss_and_gradients(model, batch):
-    """Training's side path x·W + (x·sA)·B against the loss of the merged weights W + sA@B (an independent path)."""
+    """Training's side path x·W + (x·sA)·B against the loss of the merged weights W + sA@B (an independent
+    path), both in float64 so that the comparison is not at float32's rounding level."""
     spec = LoraSpec(3, 8.0)
-    adapters = init_lora(model.params, spec.rank, jax.random.key(2))
-    keys = iter(jax.random.split(jax.random.key(3), 2 * len(adapters)))
-    adapters = {name: {k: jax.random.normal(next(keys), v.shape) * 0.3 for k, v in ab.items()}
-                for name, ab in adapters.items()}
     weights = LossWeights(forget=1.0, maintain=1.0, lm=1.0)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.params)
+        adapters = init_lora(params, spec.rank, jax.random.key(2))
+        keys = iter(jax.random.split(jax.random.key(3), 2 * len(adapters)))
+        adapters = {name: {k: jax.random.normal(next(keys), v.shape, jnp.float64) * 0.3 for k, v in ab.items()}
+                    for name, ab in adapters.items()}
 
-    def side(ad):
-        return loss_terms(ad, model.params, batch, CFG, weights.objective(), weights.coefficients(), spec)[0]
+        def side(ad):
+            return loss_terms(ad, params, batch, CFG, weights.objective(), weights.coefficients(), spec)[0]
 
-    def merged(ad):
-        params = apply_lora(model.params, ad, spec.alpha, spec.rank)
-        total = 0.0
-        for name in ("forget", "maintain"):
-            b = batch[name]
-            total += losses.cross_entropy(losses.last_logits(params, CFG, b["tokens"], b["mask"]), b["target"])
-        lm = batch["lm"]
-        return total + losses.lm_loss(losses.next_token_logits(params, CFG, lm["tokens"], lm["mask"]), lm["tokens"],
-                                      lm["mask"])
+        def merged(ad):
+            merged_params = apply_lora(params, ad, spec.alpha, spec.rank)
+            total = 0.0
+            for name in ("forget", "maintain"):
+                b = batch[name]
+                total += losses.cross_entropy(losses.last_logits(merged_params, CFG, b["tokens"], b["mask"]),
+                                              b["target"])
+            lm = batch["lm"]
+            return total + losses.lm_loss(losses.next_token_logits(merged_params, CFG, lm["tokens"], lm["mask"]),
+                                          lm["tokens"], lm["mask"])
 
-    (got, got_grads), (want, want_grads) = (jax.jit(jax.value_and_grad(f))(adapters) for f in (side, merged))
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    for name in adapters:
-        for k in ("a", "b"):
-            g, w = np.asarray(got_grads[name][k]), np.asarray(want_grads[name][k])
-            assert np.abs(w).max() > 0, (name, k)
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=f"{name}.{k}")
+        (got, got_grads), (want, want_grads) = (jax.jit(jax.value_and_grad(f))(adapters) for f in (side, merged))
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+        for name in adapters:
+            for k in ("a", "b"):
+                g, w = np.asarray(got_grads[name][k]), np.asarray(want_grads[name][k])
+                assert np.abs(w).max() > 0, (name, k)
+                np.testing.assert_allclose(g, w, rtol=1e-8, atol=1e-10 * np.abs(w).max(), err_msg=f"{name}.{k}")
 
 
 def test_lowest_trained_layer_of_masks():
