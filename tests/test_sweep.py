@@ -5,13 +5,12 @@ and restarted, a run on 8 CPU devices with sharded parameters and batches (data=
 tensor=2), and a run split over 2 processes through `jax.distributed` must give the same rows.
 Bad inputs give one line and write nothing.
 
-Time goes to XLA compiles, so the runs share a persistent compilation cache: the 2-process run goes
-first (see `two_processes`) and the reference loads most of its executables from there. The 8-device
-run starts after the reference and goes on beside the other tests (a second core).
+Time goes to XLA compiles, so the runs share a persistent compilation cache (`conftest.sweep_env`): the
+2-process run goes first (see `two_processes`) and the reference loads most of its executables from
+there. The 8-device run starts after the reference and goes on beside the other tests (a second core).
 """
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -24,29 +23,10 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import ROOT, sweep_env, tiny_sweep_config
 from jaxedit.sweep import __main__ as sweep_cli
 from jaxedit.sweep.config import load_config
 from jaxedit.sweep.units import expand
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _config(model_dir, output, **changes) -> dict:
-    config = {
-        "name": "small", "task": "sports_athletes", "models": [str(model_dir)],
-        "localizations": ["manual_interp", "random"], "seeds": [0],
-        "data": {"n_forget": 4, "max_maintain": 10, "known_threshold": 0.0},
-        "localize": {"flu_layers": [1]},
-        "train": {"steps": 4, "batch_size": 4, "accumulate": 2, "lr": 1e-3, "checkpoint_every": 1},
-        "general_text": {"n": 4, "ctx": 16},
-        "eval": {"probe_steps": 10},
-        "relearn": {"lora_rank": 2, "steps": 2, "eval_at": [0, 2], "batch_size": 2, "accumulate": 1},
-        "soft_prompt": {"enabled": False},
-        "output": str(output),
-    }
-    for key, value in changes.items():
-        config[key] = value
-    return config
 
 
 def _write(tmp_path, config: dict, name: str = "sweep.yaml") -> Path:
@@ -55,25 +35,8 @@ def _write(tmp_path, config: dict, name: str = "sweep.yaml") -> Path:
     return path
 
 
-_CACHE = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"jaxedit-test-cache-{os.getpid()}"
-
-
-def _env(cache: Path = _CACHE, xla_cache: Path = _CACHE / "xla", **extra) -> dict:
-    """The environment of a sweep subprocess: this checkout, one CPU device unless told, private caches.
-
-    cache: the jaxedit cache (general text a run sampled is read by later runs); xla_cache: a persistent
-    compilation cache of every program, however quick to compile, from which a run loads what an
-    earlier run (or unit) compiled.
-    """
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAXEDIT_CACHE=str(cache),
-               JAX_COMPILATION_CACHE_DIR=str(xla_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env.pop("XLA_FLAGS", None)
-    env.update(extra)
-    return env
-
-
 def _run(args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jaxedit.sweep", *map(str, args)], cwd=ROOT, env=env or _env(),
+    return subprocess.run([sys.executable, "-m", "jaxedit.sweep", *map(str, args)], cwd=ROOT, env=env or sweep_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -115,11 +78,11 @@ def two_processes(tmp_path_factory, tiny_llama_dir):
     more than its 30 s timeout before process 1. Process 0's executables then go to the shared cache.
     """
     tmp = tmp_path_factory.mktemp("processes")
-    path = _write(tmp, _config(tiny_llama_dir, tmp / "runs"))
+    path = _write(tmp, tiny_sweep_config(tiny_llama_dir, tmp / "runs"))
     address = f"localhost:{_free_port()}"
     logs = [tmp / f"process{i}.txt" for i in range(2)]
-    procs = [_start([path], _env(tmp, tmp / "xla", JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-                                 JAX_PROCESS_ID=str(i)), log) for i, log in enumerate(logs)]
+    procs = [_start([path], sweep_env(tmp / "xla", JAXEDIT_CACHE=str(tmp / "cache"), JAX_COORDINATOR_ADDRESS=address,
+                                      JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)), log) for i, log in enumerate(logs)]
     try:
         codes = [p.wait(timeout=600) for p in procs]
     finally:
@@ -128,7 +91,7 @@ def two_processes(tmp_path_factory, tiny_llama_dir):
                 p.kill()
                 p.wait()
     if (tmp / "xla").is_dir():
-        shutil.copytree(tmp / "xla", _CACHE / "xla", dirs_exist_ok=True)
+        shutil.copytree(tmp / "xla", sweep_env()["JAX_COMPILATION_CACHE_DIR"], dirs_exist_ok=True)
     return codes, [log.read_text() for log in logs], tmp / "runs" / "small"
 
 
@@ -137,7 +100,7 @@ def reference(tmp_path_factory, tiny_llama_dir, two_processes):
     """An uninterrupted run: (config dict, rows, run dir). It runs after the 2-process run (same config),
     whose process 0 compiled most of its programs."""
     tmp = tmp_path_factory.mktemp("reference")
-    config = _config(tiny_llama_dir, tmp / "runs")
+    config = tiny_sweep_config(tiny_llama_dir, tmp / "runs")
     done = _run([_write(tmp, config)])
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp / "runs" / "small"
@@ -153,7 +116,7 @@ def eight_devices(reference, tmp_path_factory):
     config, _, _ = reference
     tmp = tmp_path_factory.mktemp("eight")
     config = dict(config, output=str(tmp / "runs"), mesh={"data": 2, "fsdp": 2, "tensor": 2})
-    env = _env(xla_cache=tmp / "xla", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = sweep_env(tmp / "xla", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = _start([_write(tmp, config)], env, tmp / "log.txt")
     yield proc, tmp / "log.txt", tmp / "runs" / "small"
     if proc.poll() is None:  # its test did not wait for it
@@ -195,7 +158,7 @@ def test_sigkill_mid_training_then_restart_gives_the_same_rows(reference, tmp_pa
     config = dict(config, output=str(tmp_path / "runs"), localizations=["manual_interp"])  # the reference's first unit
     path = _write(tmp_path, config)
     run_dir = tmp_path / "runs" / "small"
-    proc = subprocess.Popen([sys.executable, "-m", "jaxedit.sweep", str(path)], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "jaxedit.sweep", str(path)], cwd=ROOT, env=sweep_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, saved = time.time() + 300, []
     while time.time() < deadline and proc.poll() is None and not saved:
@@ -225,7 +188,7 @@ def test_two_processes_through_jax_distributed_match_one(reference, two_processe
 
 @pytest.mark.parametrize("case", ["yaml", "key", "model", "unknown_facts", "mesh", "localization", "override"])
 def test_bad_input_gives_one_line_and_writes_nothing(case, tmp_path, tiny_llama_dir, capsys):
-    config = _config(tiny_llama_dir, tmp_path / "runs")
+    config = tiny_sweep_config(tiny_llama_dir, tmp_path / "runs")
     args, expect = None, None
     if case == "yaml":
         path = tmp_path / "bad.yaml"
@@ -256,9 +219,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, tmp_path, tiny_llama_
 
 
 def test_counterfact_sequential_sweep_edits_four_partitions(tiny_llama_dir, tmp_path):
-    config = _config(tiny_llama_dir, tmp_path / "runs", task="counterfact_sequential", localizations=["manual_interp"],
-                     data={"n_forget": 8, "pool_size": 2, "max_maintain": 10, "known_threshold": 0.0},
-                     eval={"n_shots": 1, "probes": False})
+    config = tiny_sweep_config(tiny_llama_dir, tmp_path / "runs", task="counterfact_sequential",
+                               localizations=["manual_interp"],
+                               data={"n_forget": 8, "pool_size": 2, "max_maintain": 10, "known_threshold": 0.0},
+                               eval={"n_shots": 1, "probes": False})
     config["relearn"]["enabled"] = False
     done = _run([_write(tmp_path, config)])
     assert done.returncode == 0, done.stderr[-3000:]

@@ -7,7 +7,6 @@ programs each unit builds: units differ in data, not in programs, so later units
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT, sweep_env, tiny_sweep_config
 from jaxedit.errors import JaxeditError
 from jaxedit.sweep import __main__ as sweep_cli
 from jaxedit.sweep.config import load_config
@@ -25,15 +25,10 @@ GRID = {"train.lr": [1e-3, 3e-2], "relearn.lr": [1e-3, 1e-1], "eval.probes": [Fa
 
 
 def _config(model_dir, output, **changes) -> dict:
-    config = {
-        "name": "grid", "task": "sports_athletes", "models": [str(model_dir)], "localizations": ["manual_interp"],
-        "seeds": [0], "data": {"n_forget": 4, "max_maintain": 10, "known_threshold": 0.0},
-        "localize": {"flu_layers": [1]}, "train": {"steps": 2, "batch_size": 4, "accumulate": 1, "lr": 1e-3},
-        "general_text": {"n": 0}, "eval": {"probe_steps": 5},
-        "relearn": {"lora_rank": 2, "steps": 1, "eval_at": [1], "batch_size": 2, "accumulate": 1},
-        "soft_prompt": {"enabled": False}, "output": str(output),
-    }
-    return config | changes
+    """The other sweep tests' config (their programs are in the shared compilation cache), one localization."""
+    config = tiny_sweep_config(model_dir, output, name="grid", localizations=["manual_interp"]) | changes
+    config["train"].pop("checkpoint_every")
+    return config
 
 
 def _write(tmp_path, config: dict):
@@ -42,7 +37,6 @@ def _write(tmp_path, config: dict):
     return str(path)
 
 
-ROOT = Path(__file__).resolve().parents[1]
 SPIED_SWEEP = """
 import json, sys
 from jaxedit.attacks import relearn
@@ -71,17 +65,13 @@ sys.exit(code)
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep():
     """Run the CLI on a config file; returns {'edit', 'relearn': the lr of every micro-step of each in run order,
     'compiles': per unit, {function: programs built}}."""
-    xla = tmp_path_factory.mktemp("xla")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(xla),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAXEDIT_CACHE=str(tmp_path_factory.mktemp("cache")))
-    env.pop("XLA_FLAGS", None)
 
     def run(path: str):
         calls = Path(path).with_suffix(".calls.json")
-        done = subprocess.run([sys.executable, "-c", SPIED_SWEEP, str(calls), path], cwd=ROOT, env=env,
+        done = subprocess.run([sys.executable, "-c", SPIED_SWEEP, str(calls), path], cwd=ROOT, env=sweep_env(),
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(calls.read_text())
@@ -98,9 +88,11 @@ def test_every_grid_point_runs_with_its_own_values(tiny_llama_dir, tmp_path, swe
     config["train"].pop("lr")
     calls = sweep(_write(tmp_path, config))
     rows = sorted(_rows(tmp_path / "runs" / "grid"), key=lambda r: r["unit"])
-    assert len(rows) == 16 and len(calls["edit"]) == 2 * 16 and len(calls["relearn"]) == 16  # 2 steps, 1 step
-    edit_lrs, relearn_lrs = calls["edit"][::2], calls["relearn"]
-    assert edit_lrs == calls["edit"][1::2]
+    edit_micro, relearn_micro = 4 * 2, 2  # steps × accumulate of the edit and of the relearning attack
+    assert len(rows) == 16 and len(calls["edit"]) == edit_micro * 16 and len(calls["relearn"]) == relearn_micro * 16
+    edit_lrs, relearn_lrs = calls["edit"][::edit_micro], calls["relearn"][::relearn_micro]
+    assert calls["edit"] == [lr for lr in edit_lrs for _ in range(edit_micro)]  # one lr per unit
+    assert calls["relearn"] == [lr for lr in relearn_lrs for _ in range(relearn_micro)]
     # units run in `expand` order: the i-th optimizer belongs to the i-th unit of that order
     order = {u.id: i for i, u in enumerate(expand(load_config(_write(tmp_path, config))))}
     assert sorted(order) == [r["unit"] for r in rows]
@@ -162,10 +154,10 @@ def test_bad_grids_fail_before_anything_runs(tiny_llama_dir, tmp_path, capsys, g
 
 def test_a_preset_sets_lr_and_coefficient_per_localization(tiny_llama_dir, tmp_path, sweep):
     config = _config(tiny_llama_dir, tmp_path / "runs", localizations=["manual_interp", "random"])
-    config["train"] = {"steps": 1, "batch_size": 4, "accumulate": 1, "preset": "sports_athletes",
-                       "preset_model": "gemma-7b"}
+    config["train"] |= {"preset": "sports_athletes", "preset_model": "gemma-7b"}
+    config["train"].pop("lr")
     config["relearn"] = {"enabled": False}
-    assert sweep(_write(tmp_path, config))["edit"] == [1e-5, 1e-5]
+    assert sweep(_write(tmp_path, config))["edit"] == [1e-5] * 2 * 8  # 2 units × 4 steps × 2 micro-batches
     rows = {r["localization"]: r for r in _rows(tmp_path / "runs" / "grid")}
     assert (rows["manual_interp"]["lr"], rows["manual_interp"]["forget_loss_coef"]) == (1e-5, 5)  # §4.4 table
     assert (rows["random"]["lr"], rows["random"]["forget_loss_coef"]) == (1e-5, 0.1)
