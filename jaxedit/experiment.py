@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxedit.attacks.relearn import RelearnSettings, relearn, split_forget
+from jaxedit.attacks.relearn import RelearnSettings, relearn
 from jaxedit.attacks.soft_prompt import SoftPromptSettings, train_adversary
 from jaxedit.data import text
 from jaxedit.data.batching import PromptBatches
@@ -57,7 +57,7 @@ class Prepared:
 
     scores: per partition (one unless sequential), `Localized.scores()`: 'flu_layers' and the
     'ap_scores' / 'ct_scores' site arrays the localizations need; before: the before-edit metrics;
-    general_text: (tokens [N,T], mask [N,T]) or None.
+    general_text: `text.GeneralText` (disjoint training and held-out windows) or None.
     """
 
     split: Split
@@ -115,7 +115,7 @@ def _batches(model, task: Task, forget: list, prepared: Prepared, settings: Sett
     prompts = PromptBatches(model.tokenizer, sets, t.batch_size, n_batches, seed)
     if prepared.general_text is None or not (t.lm_coef or t.kl_coef):
         return prompts
-    tokens, mask = prepared.general_text
+    tokens, mask = prepared.general_text.train
     general = text.lm_batches(tokens, mask, settings.general_text.batch_size or t.batch_size, n_batches, seed)
     return lambda i: prompts(i) | {"lm": general(i)}
 
@@ -149,12 +149,13 @@ def evaluate(model, task: Task, split: Split, params, prefix: str) -> dict:
 
 
 def side_effects(model, params, general_text, settings: EvalSettings, prefix: str) -> dict:
-    """General-text CE / accuracy / KL to the original model, and MMLU when `settings.mmlu_dir` is set."""
+    """General-text CE / accuracy / KL to the original model on the held-out windows (`text.GeneralText`), and
+    MMLU when `settings.mmlu_dir` is set."""
     from jaxedit.eval.side_effects import evaluate_mmlu, general_text_metrics
 
     out = {}
     if general_text is not None:
-        tokens, mask = general_text
+        tokens, mask = general_text.held_out
         reference = None if params is model.params else model.params
         out |= {f"{prefix}/general/{k}": v for k, v in
                 general_text_metrics(model, tokens, mask, params=params, reference_params=reference).items()}
@@ -165,14 +166,14 @@ def side_effects(model, params, general_text, settings: EvalSettings, prefix: st
 
 
 def attacks(model, task: Task, split: Split, params, settings: Settings, seed: int = 0) -> dict:
-    """Relearning and soft-prompt attacks on the edited `params` (train on one half of the forget set)."""
+    """Relearning and soft-prompt attacks on the edited `params` (train on one half of the forget set, §5.8)."""
     out = {}
-    train_half, held_out = split_forget(split.forget_test)
+    train_half, held_out = split.relearn_halves()
     if settings.relearn.enabled:
         sets = task.relearn_sets(model.tokenizer, train_half, split.maintain_train)
         out |= relearn(model, params, sets, lambda p: task.relearn_evaluate(model, held_out, split.maintain_test, p),
                        settings.relearn, seed)
-        last = max(s for s in settings.relearn.eval_at if s <= settings.relearn.steps)
+        last = settings.relearn.steps  # eval_at ends there (`RelearnSettings`)
         out |= {"relearn_forget": out[f"relearn/{last}/fact/forget"],
                 "relearn_maintain": out[f"relearn/{last}/fact/maintain"]}
     if settings.soft_prompt.enabled:

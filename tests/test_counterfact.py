@@ -371,6 +371,8 @@ def test_training_sets_first_tokens(tiny):
     enc = lambda s: tiny.tokenizer.encode(s, add_special_tokens=False)[0]  # noqa: E731
     assert sets["forget"][0] == [f.prompt for f in forget]
     assert list(sets["forget"][1]) == [enc(f.target_false) for f in forget]
+    assert sets["forget_true"][0] == sets["forget"][0]
+    assert list(sets["forget_true"][1]) == [enc(f.target_true) for f in forget]  # what unlearning lowers
     assert list(sets["maintain"][1]) == [enc(f.target_true) for f in maintain]
     assert len(cf.training_sets(tiny.tokenizer, forget, [])["maintain"][1]) == 0
 

@@ -71,20 +71,26 @@ def test_evaluate_sports_equals_softmax_of_candidate_logits(smol, team):
         assert got[f"{fmt}/maintain_argmax"] == np.mean([np.argmax(probs[i]) == true[i] for i in (3, 4)])
 
 
-def test_resid_at_is_hidden_state_at_subject_last_token(smol, team):
+def test_probe_features_are_hidden_states_at_the_last_prompt_and_subject_tokens(smol, team):
+    """§5.6 reads the last prompt token ('prompt', the paper's); 'subject' the subject's last token; left padding."""
     facts = [team[0], team[7]]
     prompts, subjects = [sports.prompt(f.athlete) for f in facts], [f.athlete for f in facts]
-    got = resid_at(smol.cfg, smol.params, *subject_last_tokens(smol.tokenizer, prompts, subjects))
-    assert got.shape == (smol.cfg.n_layers, 2, smol.cfg.d_model)
+    got = {pos: latent.probe_features(smol, facts, position=pos) for pos in latent.POSITIONS}
+    assert len({len(smol.tokenizer.encode(p)) for p in prompts}) == 2  # rows of different lengths: padding matters
     for i, (prompt, subject) in enumerate(zip(prompts, subjects)):  # one unpadded prompt at a time
         ids, offsets = smol.tokenizer.encode_with_offsets(prompt)
         start = prompt.index(subject)
-        last = max(j for j, (a, b) in enumerate(offsets) if a < start + len(subject) and b > start)
+        last = {"subject": max(j for j, (a, b) in enumerate(offsets) if a < start + len(subject) and b > start),
+                "prompt": len(ids) - 1}
         tokens = jnp.asarray([ids])
         _, cache = smol.forward(tokens, attention_mask=jnp.ones_like(tokens), capture=("resid_pre",))
-        np.testing.assert_allclose(got[:, i], np.asarray(cache["resid_pre"][:, 0, last]), atol=2e-4, rtol=1e-4)
-        embed = np.asarray(smol.params["embed"]["tokens"][ids[last]]) * smol.cfg.embed_scale
-        np.testing.assert_allclose(got[0, i], embed, atol=1e-6)  # hidden_states[0] = the embeddings
+        for pos, x in got.items():
+            assert x.shape == (smol.cfg.n_layers, 2, smol.cfg.d_model)
+            np.testing.assert_allclose(x[:, i], np.asarray(cache["resid_pre"][:, 0, last[pos]]), atol=2e-4, rtol=1e-4)
+            embed = np.asarray(smol.params["embed"]["tokens"][ids[last[pos]]]) * smol.cfg.embed_scale
+            np.testing.assert_allclose(x[0, i], embed, atol=1e-6)  # hidden_states[0] = the embeddings
+    subject_tokens = subject_last_tokens(smol.tokenizer, prompts, subjects)
+    np.testing.assert_array_equal(got["subject"], resid_at(smol.cfg, smol.params, *subject_tokens))
 
 
 def test_probes_fit_on_maintain_and_score_forget():
@@ -163,7 +169,8 @@ def test_run_experiment_end_to_end(tiny_llama_dir, team):
     prepared = prepare(smol, task, split, settings, ("manual_interp",))
     assert prepared.scores == [{"flu_layers": (0, 1)}]  # given FLU layers: no fact lookup, no AP/CT for this one
     out = run_experiment(smol, task, prepared, "manual_interp", settings)
-    keys = set(COLUMNS) | {"probe_gt_last", "probe_edit_last", "relearn_forget", "relearn_maintain", "n_params",
+    keys = set(COLUMNS) | {"probe_gt_last", "probe_edit_last", "probe_subject_gt_last", "probe_subject_edit_last",
+                           "relearn_forget", "relearn_maintain", "n_params",
                            "selection_score", "time/localize", "time/edit", "time/eval_after", "time/probe",
                            "time/attacks", "time/total", "softprompt_forget", "softprompt_edit",
                            "softprompt_maintain"}
@@ -171,5 +178,5 @@ def test_run_experiment_end_to_end(tiny_llama_dir, team):
     assert out["n_forget"] == 4 and out["n_maintain_train"] == 4 and out["n_maintain_test"] == 1
     assert out["forget"] == out["after/fact/forget"] and out["edit"] == out["after/qa/edit"]
     assert out["selection_score"] == pytest.approx(1 - out["forget"] + out["maintain"] + out["edit"])
-    assert len(out["probe_ground_truth"]) == smol.cfg.n_layers
+    assert len(out["probe_ground_truth"]) == len(out["probe_subject_ground_truth"]) == smol.cfg.n_layers
     assert all(np.isfinite(out[k]) for k in keys if k != "n_params")

@@ -1,9 +1,11 @@
 """Relearning attack (method.md §5.8): fine-tune the EDITED model on half the forget set, true answers.
 
-The forget set is split in half (`split_forget`, file order); the first half is relearned with
-its TRUE answers (CE to the true answer's first token; the paper's CounterFact script trained
+The forget set is split in half (`Split.relearn_halves`; a whole sport: its trained and held-out
+halves, §5.8); the first half is relearned with its TRUE answers (CE to the true answer's first
+token; the paper's CounterFact script trained
 towards the false targets, §10.1: not copied), mixed with maintain facts, and forget accuracy is
-measured on the held-out second half at steps 0, 10 and 20 (the task gives data and metrics). Either LoRA on every linear layer (PEFT's
+measured on the held-out second half at `eval_at` (paper: steps 0, 10 and 20; the task gives
+data and metrics). Either LoRA on every linear layer (PEFT's
 "all-linear": q, k, v, o, gate, up, down; r = 512, α = 32 in the paper) or full fine-tuning of
 every attention and MLP matrix. AdamW lr 2e-4, weight decay 0, cosine over the steps, no clipping;
 one step = `accumulate` micro-batches (paper: 8 × 4 relearn + 8 × 4 maintain). The paper's Pile
@@ -29,18 +31,38 @@ from jaxedit.errors import JaxeditError
 from jaxedit.localize import components
 
 
+class FollowSteps(tuple):
+    """The default `RelearnSettings.eval_at`: (0, steps // 2, steps), derived again whenever steps changes."""
+
+
+def follow_steps(steps: int) -> FollowSteps:
+    return FollowSteps(sorted({0, steps // 2, steps}))
+
+
 @dataclasses.dataclass(frozen=True)
 class RelearnSettings:
-    """§5.8 hyper-parameters (the paper's defaults); lora_rank=None means full fine-tuning of all linear weights."""
+    """§5.8 hyper-parameters (the paper's defaults); lora_rank=None means full fine-tuning of all linear weights.
+
+    eval_at: the steps measured; the last must be `steps` (the reported result: forget after all
+    relearning, §5.8). Unset, it follows steps (`follow_steps`: the paper's 0, 10, 20 for 20 steps).
+    """
 
     enabled: bool = True  # False: the experiment runs no relearning attack
     lora_rank: int | None = 512
     lora_alpha: float = 32.0
     lr: float = 2e-4
     steps: int = 20
-    eval_at: tuple[int, ...] = (0, 10, 20)
+    eval_at: tuple[int, ...] = follow_steps(20)
     batch_size: int = 4
     accumulate: int = 8
+
+    def __post_init__(self):
+        if isinstance(self.eval_at, FollowSteps):
+            object.__setattr__(self, "eval_at", follow_steps(self.steps))
+        elif self.enabled and (any(s < 0 or s > self.steps for s in self.eval_at) or self.steps not in self.eval_at):
+            raise JaxeditError(f"relearn.eval_at {list(self.eval_at)} must be steps from 0 to relearn.steps="
+                               f"{self.steps} and include {self.steps} (the reported result): fix the list or "
+                               "leave it unset")
 
 
 def all_linear_mask(cfg) -> dict:
@@ -90,6 +112,5 @@ def relearn(model, params, train_sets: dict, evaluate: Callable[[dict], dict],
         for micro in range(settings.accumulate):
             trainable, opt_state, _ = train_step(trainable, frozen, opt_state, batches(step * settings.accumulate + micro),
                                                  model.cfg, weights, optimizer, tmask, settings.lr, None, lora)
-    if settings.steps in settings.eval_at:
-        measure(settings.steps)
+    measure(settings.steps)  # always in eval_at: the reported result
     return out

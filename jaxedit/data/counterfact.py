@@ -275,7 +275,8 @@ def mcq_prompt(fact: CounterFactFact, pool, *, seed: int = 0, n_shots: int = 8) 
 
 
 def training_sets(tokenizer, forget, maintain_train) -> dict:
-    """{'forget': (prompts, first token of target_false [N]), 'maintain': (prompts, first token of target_true [M])}.
+    """{'forget': (prompts, first token of target_false [N]), 'forget_true': (the same prompts, first token of
+    target_true [N]: what `train.unlearn` lowers), 'maintain': (prompts, first token of target_true [M])}.
 
     The `sets` argument of `batching.PromptBatches` for the editing loss of §4.2.
     """
@@ -283,4 +284,5 @@ def training_sets(tokenizer, forget, maintain_train) -> dict:
         return first_tokens(tokenizer, [getattr(f, field) for f in facts]) if facts else np.zeros(0, np.int32)
 
     return {"forget": ([f.prompt for f in forget], first(forget, "target_false")),
+            "forget_true": ([f.prompt for f in forget], first(forget, "target_true")),
             "maintain": ([f.prompt for f in maintain_train], first(maintain_train, "target_true"))}

@@ -3,7 +3,8 @@
 The built-in CSV lists well-known NFL, MLB and NBA/WNBA athletes plus golfers (sport "golf"),
 shuffled with a fixed seed, with pre-sampled injection sports. Golfers never enter the forget or
 maintain splits; `golfers` returns them for golf-injection experiments. A CSV in the paper's own
-`sports.csv` schema loads too (its extra columns are ignored).
+`sports.csv` schema loads too (its extra columns are ignored); the sports tasks split a given file
+in its order, as the paper does (`DataSettings.order`), and the built-in one in a seeded order.
 """
 
 from __future__ import annotations

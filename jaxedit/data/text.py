@@ -1,8 +1,10 @@
 """General text for the LM/KL training terms (method.md §1.4, §4.2): a user corpus or the model's own samples.
 
 Both give fixed windows (tokens [N,T] int32, mask [N,T] int32; T = ctx): BOS, then up to ctx-1
-tokens, right-padded (pad id, mask 0). Sampling from the original model needs no network; its
-samples are cached on disk (`registry.cache_dir()/text/`).
+tokens, right-padded (pad id, mask 0). `general_text` draws two disjoint sets of them (`GeneralText`):
+the LM / KL terms train on one, the side-effect metrics score the other (held-out text, as a test
+split would be). Sampling from the original model needs no network; its samples are cached on disk
+(`registry.cache_dir()/text/`).
 """
 
 from __future__ import annotations
@@ -32,19 +34,40 @@ class GeneralTextSettings:
     """The general text of the LM / KL terms and the side-effect metrics; n = 0: none."""
 
     corpus: str | None = None  # .txt / .jsonl / directory; null: text sampled from the original model
-    n: int = 32  # windows
+    n: int = 32  # training windows
+    n_eval: int | None = None  # held-out windows for the side-effect metrics (null: n)
     ctx: int = 48  # tokens per window
     temperature: float = 1.0  # of the model's samples (0: greedy); unused with a corpus
     batch_size: int | None = None  # windows per micro-batch of the LM/KL term (null: the edit's batch size)
 
 
-def general_text(model, settings: GeneralTextSettings, seed: int = 0):
-    """(tokens [n,ctx], mask [n,ctx]) of `settings`' corpus or of the model's own samples; None when n = 0."""
+@dataclasses.dataclass(frozen=True)
+class GeneralText:
+    """Disjoint windows of one source: `train` (the LM / KL terms) and `held_out` (the side-effect metrics),
+    each (tokens [N,ctx] int32, mask [N,ctx] int32)."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    held_out: tuple[np.ndarray, np.ndarray]
+
+
+def general_text(model, settings: GeneralTextSettings, seed: int = 0) -> GeneralText | None:
+    """n training and n_eval held-out windows of `settings`' corpus or of the model's own samples; None when n = 0.
+
+    One seeded draw of n + n_eval distinct windows (corpus windows never share a token; each sample
+    is its own generation), split into the first n and the rest.
+    """
     if not settings.n:
         return None
+    n_eval = settings.n if settings.n_eval is None else settings.n_eval
+    if n_eval < 1:
+        raise JaxeditError(f"general_text.n_eval={n_eval}: the side-effect metrics need ≥ 1 held-out window")
+    total = settings.n + n_eval
     if settings.corpus:
-        return load_corpus(settings.corpus, model.tokenizer, settings.n, ctx=settings.ctx, seed=seed)
-    return sample_text(model, settings.n, ctx=settings.ctx, seed=seed, temperature=settings.temperature)
+        tokens, mask = load_corpus(settings.corpus, model.tokenizer, total, ctx=settings.ctx, seed=seed)
+    else:
+        tokens, mask = sample_text(model, total, ctx=settings.ctx, seed=seed, temperature=settings.temperature)
+    n = settings.n
+    return GeneralText((tokens[:n], mask[:n]), (tokens[n:], mask[n:]))
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:

@@ -2,7 +2,9 @@
 
 A batch is a dict with any of (each key's arrays keep one shape so the step compiles once):
   'forget'   {'tokens' [B,T], 'mask' [B,T], 'target' [B], optional 'weight' [B]}: injection CE to
-             the new answer's first token (or log(1 − p) of the true one when unlearning)
+             the new answer's first token
+  'forget_true' same fields, the forget prompts with their TRUE answer's first token: log(1 − p)
+             of it when unlearning (then 'forget' is not used)
   'maintain' same fields: CE to the true answer's first token
   'lm'       {'tokens' [B,T], 'mask' [B,T]}: general text, next-token CE and optional KL to the
              original model
@@ -124,6 +126,16 @@ def trained_params(trainable, frozen, lora: LoraSpec | None = None) -> dict:
     return apply_lora(frozen, trainable, lora.alpha, lora.rank) if lora else merge(trainable, frozen)
 
 
+def _forget_key(batch: dict, objective: Objective) -> str:
+    """The batch entry of the forget term: 'forget' (injected answers), or 'forget_true' when unlearning."""
+    if not objective.unlearn:
+        return "forget"
+    if "forget" in batch and "forget_true" not in batch:
+        raise JaxeditError("train.unlearn lowers the forget facts' TRUE answers, and the batch has none "
+                           "('forget_true'): give the task's true-answer set or set train.unlearn=false")
+    return "forget_true"
+
+
 def loss_terms(trainable, frozen, batch: dict, cfg, objective: Objective, coefs: dict, lora: LoraSpec | None = None,
                reference=None, remat: bool = False, frozen_below: int = 0) -> tuple[jax.Array, dict]:
     """(total loss, {term: value}) of one batch: the sum of coefs[term] · term over `objective.terms`.
@@ -132,9 +144,9 @@ def loss_terms(trainable, frozen, batch: dict, cfg, objective: Objective, coefs:
     layer that can train (`components.frozen_prefix`)."""
     params = full_params(trainable, frozen, lora)
     terms = {}
-    for name in ("forget", "maintain"):
-        if name in batch and name in objective.terms:
-            b = batch[name]
+    for name, key in (("forget", _forget_key(batch, objective)), ("maintain", "maintain")):
+        if key in batch and name in objective.terms:
+            b = batch[key]
             logits = losses.last_logits(params, cfg, b["tokens"], b["mask"], remat, frozen_below)
             if name == "forget" and objective.unlearn:
                 terms[name] = losses.log1m_p_loss(logits, b["target"], b.get("weight"), objective.threshold)

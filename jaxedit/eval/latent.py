@@ -2,12 +2,14 @@
 
 Activations: the residual stream entering each layer (resid_pre of layers 0..L-1, i.e. HF
 `hidden_states[0 … L-1]`, index 0 = the scaled embeddings; the last block's output is not probed)
-at the subject's last token of the training-format prompt, left padding, under the EDITED params.
+of the training-format prompt, left padding, under the EDITED params, read at one of `POSITIONS`:
+'prompt', the last prompt token (the paper's probe), or 'subject', the subject's last token (an
+extra probe of what stays on the name; not in the paper).
 Per layer, a multinomial logistic-regression probe (`localize.probes.fit_probe`) is fitted on the
 maintain athletes (true sport; a seeded 80/20 split gives the maintain test accuracy) and applied
 to the forget athletes: ground-truth accuracy (prediction == original sport; low = knowledge gone)
 and edit accuracy (prediction == injected sport). One compiled program fits every layer (vmap).
-Axes: L layers, N athletes, D d_model, C classes (the three team sports).
+Axes: L layers, N athletes, T positions, D d_model, C classes (the three team sports).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from jaxedit.localize.fact_lookup import subject_last_tokens
 from jaxedit.localize.probes import fit_probe, train_test_rows
 from jaxedit.readout import resid_at
 
+POSITIONS = {"prompt": "probe", "subject": "probe_subject"}  # read position -> prefix of its row keys
 
 @dataclasses.dataclass(frozen=True)
 class LatentResult:
@@ -33,6 +36,14 @@ class LatentResult:
     maintain_test: np.ndarray  # held-out maintain athletes, true sport
     forget_ground_truth: np.ndarray  # forget athletes, prediction == original sport
     forget_edit: np.ndarray  # forget athletes, prediction == injected sport
+
+    def row(self, prefix: str) -> dict:
+        """Row keys: accuracy by layer [L] (lists, for the plots) and the last probed layer's, e.g. 'probe_gt_last'."""
+        return {f"{prefix}_maintain_test": self.maintain_test.tolist(),
+                f"{prefix}_ground_truth": self.forget_ground_truth.tolist(),
+                f"{prefix}_edit": self.forget_edit.tolist(),
+                f"{prefix}_gt_last": float(self.forget_ground_truth[-1]),
+                f"{prefix}_edit_last": float(self.forget_edit[-1])}
 
 
 @partial(jax.jit, static_argnames=("n_classes", "steps"))
@@ -67,15 +78,29 @@ def probe_edit(maintain_x, maintain_y, forget_x, forget_true, forget_inject, *, 
                         (forget == np.asarray(forget_inject)).mean(-1))
 
 
+def probe_tokens(tokenizer, facts: list, position: str = "prompt"):
+    """(ids [N,T], mask [N,T], index [N] of the read position) of the facts' training-format prompts, left padding."""
+    if position not in POSITIONS:
+        raise JaxeditError(f"probe position {position!r} is unknown: use one of {', '.join(POSITIONS)}")
+    ids, mask, subject = subject_last_tokens(tokenizer, [sports.prompt(f.athlete) for f in facts],
+                                             [f.athlete for f in facts], padding_side="left")
+    return ids, mask, subject if position == "subject" else np.full(len(facts), ids.shape[1] - 1)
+
+
+def probe_features(model, facts: list, params=None, position: str = "prompt") -> np.ndarray:
+    """resid_pre [L,N,D] (float32) of every layer at `position` of each fact's prompt under `params`."""
+    params = model.params if params is None else params
+    return np.asarray(resid_at(model.cfg, params, *probe_tokens(model.tokenizer, facts, position)), np.float32)
+
+
 def latent_knowledge(model, forget: list, maintain: list, *, params=None, seed: int = 0,
-                     inject_field: str = "inject_without_golf", steps: int = 100) -> LatentResult:
+                     inject_field: str = "inject_without_golf", steps: int = 100,
+                     position: str = "prompt") -> LatentResult:
     """§5.6 on sports facts: probes on the maintain athletes' activations under `params`, applied to `forget`."""
-    facts = list(maintain) + list(forget)
     if any(f.sport not in sports.TEAM_SPORTS or getattr(f, inject_field) not in sports.TEAM_SPORTS for f in forget) \
             or any(f.sport not in sports.TEAM_SPORTS for f in maintain):
         raise JaxeditError("latent probing classifies the three team sports: drop golfers and golf injections")
-    tokens = subject_last_tokens(model.tokenizer, [sports.prompt(f.athlete) for f in facts], [f.athlete for f in facts])
-    x = np.asarray(resid_at(model.cfg, model.params if params is None else params, *tokens), np.float32)
+    x = probe_features(model, list(maintain) + list(forget), params, position)
     label = lambda rows, field: np.array([sports.TEAM_SPORTS.index(getattr(f, field)) for f in rows])  # noqa: E731
     n = len(maintain)
     return probe_edit(x[:, :n], label(maintain, "sport"), x[:, n:], label(forget, "sport"),

@@ -1,8 +1,9 @@
 """Side effects of an edit (method.md §5.4, §5.5, §5.9): general-text CE/accuracy/KL and MMLU.
 
 `general_text_metrics` is the paper's "Pile accuracy" analog on any (tokens, mask) windows
-(`data.text`); `evaluate_mmlu` is lm-eval's 0-shot (or k-shot) MMLU from a local copy of the
-hendrycks CSVs, scored by the argmax over the " A".." D" logits.
+(`data.text`; the experiment scores the held-out ones of `text.GeneralText`, never the LM term's);
+`evaluate_mmlu` is lm-eval's 0-shot (or k-shot) MMLU from a local copy of the hendrycks CSVs,
+scored by the argmax over the " A".." D" logits.
 """
 
 from __future__ import annotations

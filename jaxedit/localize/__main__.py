@@ -22,7 +22,7 @@ def localize_task(model, task, data: DataSettings, out_dir: Path, probes: bool, 
     """Localize the task's first `data.n_forget` known facts (probes on its maintain facts too); write out_dir."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    split = task.split(model, data)
+    split = task.split(model, data, seed=seed)
     say(f"{split.n_known}/{split.n_candidates} facts known; patching {len(split.forget)}")
     inputs = task.localization_inputs(model, split.forget)
     extra = task.localization_inputs(model, split.maintain_train + split.maintain_test)

@@ -13,8 +13,8 @@ NIE_b (inf/nan for a prompt whose answer probability the noise does not move; p_
 are returned to filter such prompts). The paper's code indexed the softmax with every example's
 answer at once and reduced batch means (spec §10.4); we do not copy that.
 
-Noise scale: one number for the batch, from all its subject tokens: 'rome' = 3·std, 'paper' =
-sqrt(3·std) (the paper's code computes it per example), or a float.
+Noise scale (`corruptions.noise_scale`): 'rome' = 3·std of all the batch's subject embeddings,
+'paper' = sqrt(3·std) of each example's own subject embeddings (§3.4), or a float for every example.
 
 Sweeps are one compiled program: `lax.map` over groups of restore sets sharing a first restored
 layer (the noised prefix below it is reused, `core.run_from`), `vmap` over the sets of a group (in
@@ -54,7 +54,7 @@ class TracingScores:
     axes: dict[str, tuple[str, ...]]
     p_clean: np.ndarray  # [B]
     p_corrupt: np.ndarray  # [B] mean over noise samples
-    noise_scale: float
+    noise_scale: np.ndarray  # [B] noise std per example
     samples: int
 
 
@@ -115,9 +115,9 @@ def trace_restore(params, cfg: ModelConfig, tokens, attention_mask, subject, ans
     restore = {site: np.asarray(m, bool) for site, m in restore.items()}
     _check(cfg, tokens, mask, subject, restore, samples)
     if isinstance(noise, str):
-        scale = corruptions.noise_scale(params["embed"]["tokens"], tokens[subject], noise, cfg.embed_scale)
+        scale = corruptions.noise_scale(params["embed"]["tokens"], tokens, subject, noise, cfg.embed_scale)
     else:
-        scale = float(noise)
+        scale = np.full(len(tokens), float(noise), np.float32)
     starts = _first_layers(cfg, restore)
     cand = None if candidates is None else jnp.asarray(candidates)
     p_clean, p_corrupt, p_restored = jax.device_get(_trace(

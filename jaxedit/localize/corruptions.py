@@ -4,7 +4,8 @@ Resampling (the paper's AP / path-patching corruption): the subject's tokens are
 random ASCII-word tokens, resampled (seeded) until the corrupted prompt re-tokenizes to exactly
 the same length with every non-subject token unchanged, so clean and corrupt rows align.
 Noise (causal tracing): Gaussian noise on the subject's token embeddings, scaled as ROME does
-(3 × std of the subject embeddings) or as the paper's code does (sqrt(3 × std), method.md §10.4).
+(3 × std of the subject embeddings) or as the paper's code does (sqrt(3 × std) per example, method.md §3.4,
+§10.4).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jaxedit.errors import JaxeditError
 from jaxedit.tokenizer import Tokenizer, pad
 
 _WORD = re.compile(r"^ ?[A-Za-z]{2,}$")
+NOISE_KINDS = ("rome", "paper")  # `noise_scale`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,17 +88,30 @@ def _resample_one(tokenizer, prompt, subject, ids, hits, words, rng, max_tries) 
                        "raise max_tries or drop this prompt")
 
 
-def noise_scale(embed_table: jax.Array, subject_ids: np.ndarray, kind: str = "rome", embed_scale: float = 1.0) -> float:
-    """Std of the Gaussian noise: 'rome' = 3·std(subject embeddings); 'paper' = sqrt(3·std) (the paper's code)."""
-    std = float(jnp.std(embed_table[jnp.asarray(subject_ids)].astype(jnp.float32)) * embed_scale)
+def noise_scale(embed_table: jax.Array, tokens: np.ndarray, subject: np.ndarray, kind: str = "rome",
+                embed_scale: float = 1.0) -> np.ndarray:
+    """Std [B] of each example's Gaussian noise (tokens, subject: [B,T]), from the subject tokens' embeddings.
+
+    'rome' = 3·std of every subject embedding of the batch (one number); 'paper' = sqrt(3·std) of the
+    example's own subject embeddings (the paper's localizer, §3.4).
+    """
+    table = jnp.asarray(embed_table)
+
+    def std(ids):
+        return float(jnp.std(table[jnp.asarray(ids)].astype(jnp.float32))) * embed_scale
+
+    tokens, subject = np.asarray(tokens), np.asarray(subject, bool)
     if kind == "rome":
-        return 3.0 * std
+        return np.full(len(tokens), 3.0 * std(tokens[subject]), np.float32)
     if kind == "paper":
-        return float(np.sqrt(3.0 * std))
-    raise JaxeditError(f"unknown noise kind {kind!r}: use 'rome' or 'paper'")
+        return np.sqrt(3.0 * np.array([std(row[hit]) for row, hit in zip(tokens, subject)])).astype(np.float32)
+    raise JaxeditError(f"unknown noise kind {kind!r}: use one of {', '.join(NOISE_KINDS)}")
 
 
-def subject_noise(key: jax.Array, subject: jax.Array, d_model: int, scale: float, samples: int | None = None) -> jax.Array:
-    """Gaussian noise [(N,)B,T,D] on the subject positions (zero elsewhere), for an `embed` delta."""
+def subject_noise(key: jax.Array, subject: jax.Array, d_model: int, scale, samples: int | None = None) -> jax.Array:
+    """Gaussian noise [(N,)B,T,D] on the subject positions (zero elsewhere), for an `embed` delta.
+
+    scale: the std, one number or one per example [B] (`noise_scale`)."""
     shape = subject.shape + (d_model,) if samples is None else (samples,) + subject.shape + (d_model,)
-    return jax.random.normal(key, shape) * scale * subject[..., None]
+    per_example = jnp.reshape(jnp.asarray(scale, jnp.float32), (-1, 1, 1))
+    return jax.random.normal(key, shape) * per_example * subject[..., None]

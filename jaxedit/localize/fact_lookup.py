@@ -5,7 +5,7 @@ token, for the full prompt and for the name alone (`<bos>{subject}`); path patch
 head to the final residual (extraction heads); receiver = the earliest layer among the top-k
 heads by |score|; path patching of every MLP to resid_pre of the receiver (enrichment MLPs);
 selection attr_l = score_l − score_{L-1}, chosen = {l : |attr_l| > threshold}. The paper's own
-layer lists (hand-picked for sports, §10.6) are data in `PAPER_FLU_LAYERS`.
+layer lists (hand-picked for sports, §10.6) are data in `PAPER_FLU_LAYERS` (`localize.flu_layers: paper`).
 Axes: N examples, B batch, T positions, D d_model, L layers, H heads.
 """
 

@@ -18,22 +18,29 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxedit.edit.train import paper_model
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import activation_patching, attribution, causal_tracing, components, fact_lookup, metrics
 from jaxedit.localize.artifacts import ScoreArray, data_hash, save_heatmap
-from jaxedit.localize.corruptions import resample_subjects
+from jaxedit.localize.corruptions import NOISE_KINDS, resample_subjects
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalizeSettings:
     """How the localizations are computed (§3); `flu_layers` set skips fact lookup."""
 
-    flu_layers: tuple[int, ...] | None = None  # null: fact lookup on the forget facts picks them
+    flu_layers: tuple[int, ...] | str | None = None  # null: fact lookup picks them; 'paper': `paper_flu_layers`
     threshold: float = 0.02  # fact lookup: enrichment-score threshold of a selected MLP layer (§3.2)
     top_k_heads: int = 10  # fact lookup: extraction heads whose earliest layer is the receiver
     ct_samples: int = 3  # causal-tracing noise samples
-    ct_noise: str = "rome"  # causal-tracing noise scale (`causal_tracing.trace_components`)
+    ct_noise: str = "rome"  # causal-tracing noise: 'rome' (3·std) or 'paper' (sqrt(3·std) per example, §3.4)
     rule: str = "fill"  # budget rule: 'fill' (ours) or 'threshold' (the paper's, §10.9)
+
+    def __post_init__(self):
+        if isinstance(self.flu_layers, str) and self.flu_layers != "paper":
+            raise JaxeditError(f"localize.flu_layers {self.flu_layers!r}: give a list of MLP layers, 'paper' or null")
+        if self.ct_noise not in NOISE_KINDS:
+            raise JaxeditError(f"localize.ct_noise {self.ct_noise!r}: use one of {', '.join(NOISE_KINDS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +49,8 @@ class LocalizationInputs:
 
     prompts, subjects: one per fact; answer: the true answer's token id [N]; others: competing
     answers' ids [N,C] (logit-difference metric); labels: class per fact [N] for fact lookup's
-    probes, or None (no probes).
+    probes, or None (no probes); setting: the paper's setting of these facts ('sports',
+    'counterfact_0_64', …: `fact_lookup.PAPER_FLU_LAYERS`), or None where the paper has none.
     """
 
     prompts: list[str]
@@ -50,6 +58,7 @@ class LocalizationInputs:
     answer: np.ndarray
     others: np.ndarray
     labels: np.ndarray | None = None
+    setting: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +94,8 @@ def localize(model, inputs: LocalizationInputs, names=components.PAPER_LOCALIZAT
     labels; None: no probes, which describe the model but do not choose layers). seed: the subject resampling of the corrupted prompts and the causal-tracing noise.
     """
     flu, layers = None, settings.flu_layers
+    if layers == "paper":
+        layers = paper_flu_layers(model, inputs.setting)
     if layers is None:
         rows = inputs if probe_inputs is None else _concat(inputs, probe_inputs)
         flu = fact_lookup.fact_lookup(model, rows.prompts, rows.subjects, rows.answer, rows.others,
@@ -105,6 +116,19 @@ def localize(model, inputs: LocalizationInputs, names=components.PAPER_LOCALIZAT
                                              inputs.answer, jax.random.key(seed), noise=settings.ct_noise,
                                              samples=settings.ct_samples)
     return Localized(tuple(int(layer) for layer in layers), flu, atp, ct)
+
+
+def paper_flu_layers(model, setting: str | None) -> tuple[int, ...]:
+    """§3.2's FLU layers of the paper model `model` is (named by its directory, e.g. …/gemma-2-9b) in `setting`."""
+    name = paper_model(str(model.source or ""))
+    if name not in fact_lookup.PAPER_FLU_LAYERS:
+        raise JaxeditError(f"localize.flu_layers=paper: the paper used no model named {name!r} (its models: "
+                           f"{', '.join(fact_lookup.PAPER_FLU_LAYERS)}; the model directory's name says which): "
+                           "give the layers as a list, or null for fact lookup")
+    if setting is None:
+        raise JaxeditError("localize.flu_layers=paper: the paper has no FLU layers for these facts (its settings: "
+                           f"{', '.join(fact_lookup.PAPER_FLU_LAYERS[name])}): give the layers as a list")
+    return fact_lookup.paper_flu_layers(name, setting)
 
 
 def corrupted_pairs(model, inputs: LocalizationInputs, seed: int):

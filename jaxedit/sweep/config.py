@@ -229,10 +229,8 @@ def validate(config: SweepConfig) -> None:
     for model in config.models:  # fails now, not mid-sweep, when a model or setting has no preset
         for name in config.localizations:
             config.train.for_localization(model, name)
-    r = config.relearn
-    if r.enabled and (r.steps < 1 or not r.eval_at or any(s < 0 or s > r.steps for s in r.eval_at)):
-        raise JaxeditError(f"relearn.eval_at {list(r.eval_at)} must be steps between 0 and relearn.steps={r.steps} "
-                           "(the last one is the reported result)")
+    if config.relearn.enabled and config.relearn.steps < 1:  # eval_at is checked by RelearnSettings
+        raise JaxeditError("relearn.steps must be ≥ 1 (or set relearn.enabled=false)")
     if config.eval.probes and config.eval.probe_steps < 1:
         raise JaxeditError("eval.probe_steps must be ≥ 1 (or set eval.probes=false)")
     if config.data.n_forget < 2:

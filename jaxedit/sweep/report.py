@@ -1,14 +1,15 @@
 """The report of a sweep: §6-style tables aggregated over seeds, plots, and a Markdown page.
 
-`report/summary.md` links everything: one table per (model, grid point) with a row per
-localization and the task's §6 columns (mean over seeds, ± the 95% t-interval half-width when
-there are several seeds), the §4.4 selection (best grid point per localization), timings,
-bar and spider plots of the metrics, and heatmaps of the localization scores.
-"""
+`report/summary.md` links everything: one table per (model, grid point) in the paper's §6 shape (a
+before-edit row, then a row per localization; the task's §6 columns in the paper's order, mean over
+seeds, ± the 95% t-interval half-width when there are several seeds; columns whose before-edit value
+is at chance marked †), the figures of `plots` (bars with 95% whiskers and the §6 spider plot, both
+without the † columns; relearning curves; probe accuracy by layer), a paired comparison of fact lookup
+against every other localization on the same seeds (`stats`), the §4.4 selection (best grid point per
+localization), timings, and heatmaps of the localization scores."""
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,34 +18,42 @@ import numpy as np
 from jaxedit.localize.artifacts import ScoreArray, save_heatmap
 from jaxedit.localize.components import PAPER_LOCALIZATIONS
 from jaxedit.io import atomic_write
+from jaxedit.sweep import plots, stats
+from jaxedit.sweep.stats import mean_interval
 from jaxedit.tasks import task_class
 
-ATTACK_COLUMNS = ("probe_gt_last", "relearn_forget", "relearn_maintain", "softprompt_forget", "softprompt_maintain",
-                  "after/general/kl", "after/mmlu", "selection_score")  # after the task's own columns
+PAPER_TAIL = {  # after the task's own columns, in §6's order: tinyMMLU's slot, relearning, soft prompt, probe
+    "sports": ("after/mmlu", "after/general/accuracy", "relearn_forget", "relearn_maintain", "softprompt_forget",
+               "softprompt_maintain", "probe_gt_last"),
+    "counterfact": ("after/mmlu", "after/general/accuracy", "relearn_forget", "relearn_edit", "relearn_maintain",
+                    "softprompt_forget", "softprompt_maintain")}
+EXTRA_COLUMNS = ("after/general/kl", "selection_score")  # not in the paper's tables (last), not probabilities
+BEFORE = "before edit"  # the summary table's first row
 HEADLINE = ("forget", "edit", "maintain", "mcq_forget", "relearn_forget")
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+REFERENCE = "manual_interp"  # fact lookup: compared with every other localization, seed by seed
+PAIRED = {"forget_qa": ("QA-format forget", True), "relearn_forget": ("relearned forget", True),  # column: (label,
+          "probe_gt_last": ("probe ground truth", True), "maintain": ("maintain", False)}  # lower is better)
+_SPORTS_CHANCE = {"fact": 1 / 3, "qa": 1 / 3, "mcq": 1 / 3}  # 4 candidates, but every athlete plays a team sport
+CHANCE = {"sports_athletes": _SPORTS_CHANCE, "sport_to_golf": _SPORTS_CHANCE,  # task: {format: chance level}
+          "counterfact": {"mcq": 0.25}, "counterfact_sequential": {"mcq": 0.25}}
+CHANCE_RULE = ("Columns marked † are not informative on this model: before editing, the column's prompt format "
+               "gives the true answer (of the forget facts; of the maintain facts for maintain columns) a mean "
+               "probability over seeds at most "
+               f"max({stats.CHANCE_MARGIN}, its 95% half-width) above chance. Chance: sports 1/3 (4 candidates, but "
+               "every athlete plays one of the 3 team sports, and knowing only that gives 1/3; a uniform guess gives "
+               "1/4); CounterFact MCQ 1/4; CounterFact's full-vocabulary formats have no chance level and are never "
+               "marked.")
 
 
 def headline(row: dict) -> list[str]:
     return [k for k in HEADLINE if isinstance(row.get(k), (int, float))]
 
 
-def mean_interval(values) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval; nan for one value)."""
-    values = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    if values.size == 1:
-        return float(values[0]), float("nan")
-    t = _T95.get(values.size - 1, 1.96)
-    return float(values.mean()), float(t * values.std(ddof=1) / math.sqrt(values.size))
-
-
 def _cell(values) -> str:
     mean, half = mean_interval(values)
-    if math.isnan(mean):
+    if np.isnan(mean):
         return "–"
-    return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} ± {half:.3f}"
+    return f"{mean:.3f}" if np.isnan(half) else f"{mean:.3f} ± {half:.3f}"
 
 
 def _hashable(value):
@@ -65,9 +74,21 @@ def _order(names) -> list[str]:
     return sorted(names, key=lambda n: PAPER_LOCALIZATIONS.index(n) if n in PAPER_LOCALIZATIONS else 99)
 
 
-def summary_table(by_loc: dict, columns) -> str:
-    head = "| localization | params (M) | seeds | " + " | ".join(columns) + " | time (s) |"
+def _before_cells(rows: list[dict], columns, before: dict) -> list[str]:
+    """Cells of the before-edit row: the before-edit value over seeds of each column that has one."""
+    return [_cell(_by_seed(rows, before[c]).values()) if c in before else "–" for c in columns]
+
+
+def summary_table(by_loc: dict, columns, marked=(), before=None) -> str:
+    """The §6 table: a before-edit row (`before`: {column: before-edit key}, see `before_keys`), then one row per
+    localization; cells are means ± 95% half-widths over seeds; `marked` columns get †."""
+    names = [c + "†" * (c in marked) for c in columns]
+    head = "| localization | params (M) | seeds | " + " | ".join(names) + " | time (s) |"
     lines = [head, "|" + "---|" * (len(columns) + 4)]
+    all_rows = [r for rows in by_loc.values() for r in rows]
+    if before:
+        lines.append(f"| {BEFORE} | – | {len(_by_seed(all_rows, 'seed'))} | " +
+                     " | ".join(_before_cells(all_rows, columns, before)) + " | – |")
     for loc in _order(by_loc):
         rows = by_loc[loc]
         cells = [_cell([r.get(c) for r in rows]) for c in columns]
@@ -77,58 +98,87 @@ def summary_table(by_loc: dict, columns) -> str:
 
 
 def report_columns(task: str) -> tuple[str, ...]:
-    """The report's columns for `task`: the task's §6 columns, then the attacks' and side effects'."""
-    return tuple(task_class(task).columns) + ATTACK_COLUMNS
+    """The report's columns for `task` in the paper's §6 order (6.1 sports, 6.5 CounterFact), then the extras."""
+    family = "counterfact" if task.startswith("counterfact") else "sports"
+    return tuple(task_class(task).columns) + PAPER_TAIL[family] + EXTRA_COLUMNS
+
+
+def before_keys(task: str, rows: list[dict], columns) -> dict[str, str]:
+    """{column: its before-edit key} for the columns whose metric rows also measured before editing."""
+    keys = dict(task_class(task).columns) | {c: c for c in columns if c.startswith("after/")}
+    out = {c: "before/" + keys[c].removeprefix("after/") for c in columns if c in keys}
+    return {c: k for c, k in out.items() if any(isinstance(r.get(k), (int, float)) for r in rows)}
+
+
+def with_derived(row: dict) -> dict:
+    """The row with `relearn_edit`: P(injected) on the held-out forget facts after the last relearning step."""
+    steps = [int(k.split("/")[1]) for k in row if k.startswith("relearn/") and k.endswith("/fact/edit")]
+    return row | {"relearn_edit": row[f"relearn/{max(steps)}/fact/edit"]} if steps else row
 
 
 def _present(rows: list[dict], names) -> list[str]:
     return [c for c in names if any(isinstance(r.get(c), (int, float)) for r in rows)]
 
 
-def bar_plot(by_loc: dict, columns, path: Path, title: str) -> Path:
-    """Grouped bars: one group per metric, one bar per localization (mean over seeds, 95% error bars)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    locs = _order(by_loc)
-    fig = Figure(figsize=(max(8, 1.2 * len(columns)), 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / len(locs)
-    for i, loc in enumerate(locs):
-        stats = [mean_interval([r.get(c) for r in by_loc[loc]]) for c in columns]
-        means = [m for m, _ in stats]
-        errors = [0 if math.isnan(h) else h for _, h in stats]
-        ax.bar(np.arange(len(columns)) + i * width, means, width, yerr=errors, label=loc)
-    ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, columns, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("probability / accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncols=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+def _by_seed(rows: list[dict], key: str) -> dict:
+    """{seed: row[key]} (before-edit values repeat in every localization's row of a seed)."""
+    return {r["seed"]: r.get(key) for r in rows}
 
 
-def spider_plot(by_loc: dict, columns, path: Path, title: str) -> Path:
-    """One polygon per localization over the metrics (means over seeds)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def chance_reference(task: str, column: str) -> tuple[str, float] | None:
+    """(before-edit key, chance level) deciding whether `column` is informative; None where chance is undefined."""
+    key = task_class(task).columns.get(column)
+    if key is None:
+        return None
+    _, fmt, metric = key.split("/")
+    chance = CHANCE.get(task, {}).get(fmt)
+    if chance is None:
+        return None
+    return f"before/{fmt}/{'maintain' if metric.startswith('maintain') else 'forget'}", chance
 
-    angles = np.linspace(0, 2 * np.pi, len(columns), endpoint=False)
-    fig = Figure(figsize=(7, 7))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(projection="polar")
-    for loc in _order(by_loc):
-        values = [mean_interval([r.get(c) for r in by_loc[loc]])[0] for c in columns]
-        values = np.nan_to_num(np.asarray(values))
-        ax.plot(np.append(angles, angles[0]), np.append(values, values[0]), label=loc, linewidth=1.2)
-    ax.set_xticks(angles, columns, fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+
+def not_informative(rows: list[dict], columns, task: str) -> dict[str, str]:
+    """{column: why} for the columns whose before-edit value over seeds is at chance (`CHANCE_RULE`)."""
+    out = {}
+    for column in columns:
+        reference = chance_reference(task, column)
+        if reference is None:
+            continue
+        key, chance = reference
+        before = _by_seed(rows, key).values()
+        if stats.at_chance(before, chance):
+            out[column] = f"{column} ({key} {_cell(before)}, chance {chance:.3f})"
+    return out
+
+
+def _paired_cell(p: stats.Paired) -> str:
+    if p.n == 0:
+        return "–"
+    return f"{p.diff:+.3f} (1 seed)" if p.n == 1 else f"{p.diff:+.3f} ({p.low:+.3f} to {p.high:+.3f})"
+
+
+def paired_comparison(by_loc: dict, marked=()) -> str:
+    """`REFERENCE` − each other localization on the same seeds: differences [95% CI], one verdict line per metric."""
+    rows = [r for group in by_loc.values() for r in group]
+    metrics = _present(rows, PAIRED)
+    others = [loc for loc in _order(by_loc) if loc != REFERENCE]
+    if REFERENCE not in by_loc or not others or not metrics:
+        return ""
+    result = {(c, o): stats.paired(_by_seed(by_loc[REFERENCE], c), _by_seed(by_loc[o], c))
+              for c in metrics for o in others}
+    seeds = set(_by_seed(by_loc[REFERENCE], "seed"))
+    lines = ["| against | seeds | " + " | ".join(PAIRED[c][0] for c in metrics) + " |",
+             "|" + "---|" * (len(metrics) + 2)]
+    for o in others:
+        lines.append(f"| {o} | {len(seeds & set(_by_seed(by_loc[o], 'seed')))} | " +
+                     " | ".join(_paired_cell(result[c, o]) for c in metrics) + " |")
+    lines += ["", f"Cells: mean of {REFERENCE} − the other localization over paired seeds (95% paired-t interval)."]
+    for c in metrics:
+        label, lower = PAIRED[c]
+        caveat = "; not informative on this model, see †" if c in marked else ""
+        clauses = [stats.verdict(label, REFERENCE, o, result[c, o], lower) for o in others]
+        lines.append(f"- {label} ({'lower' if lower else 'higher'} is better{caveat}): " + "; ".join(clauses) + ".")
+    return "\n".join(lines)
 
 
 def save_score_plots(directory: Path, scores: dict, cfg) -> list[Path]:
@@ -143,6 +193,17 @@ def save_score_plots(directory: Path, scores: dict, cfg) -> list[Path]:
                 score = ScoreArray(values, axes, f"{method.split('_')[0]}/{site}")
                 paths.append(save_heatmap(score, directory / f"{method.split('_')[0]}_{site}.png"))
     return paths
+
+
+def figures(by_loc: dict, columns, marked, directory: Path, n: int, title: str) -> str:
+    """Draws group n's figures (`plots`) into directory; their Markdown image links."""
+    by_loc = {loc: by_loc[loc] for loc in _order(by_loc)}
+    bars = [c for c in columns if c not in EXTRA_COLUMNS]
+    drawn = {"bars": plots.bar_plot(by_loc, bars, directory / f"bars_{n}.png", title, marked),
+             "spider": plots.spider_plot(by_loc, directory / f"spider_{n}.png", title, marked),
+             "relearn": plots.relearn_plot(by_loc, directory / f"relearn_{n}.png", title),
+             "probe": plots.probe_plot(by_loc, directory / f"probe_{n}.png", title)}
+    return " ".join(f"![{name}]({name}_{n}.png)" for name, fig in drawn.items() if fig is not None)
 
 
 def selection(rows: list[dict], grid_keys: list[str]) -> str:
@@ -163,32 +224,40 @@ def selection(rows: list[dict], grid_keys: list[str]) -> str:
 
 def write_report(store, config) -> Path:
     """report/summary.md (+ PNGs and tables) for every finished unit of the run."""
-    rows = store.rows()
+    rows = [with_derived(r) for r in store.rows()]
     directory = store.root / "report"
     directory.mkdir(parents=True, exist_ok=True)
     grid_keys = sorted(config.grid or {})
     parts = [f"# Sweep `{config.name}`: {config.task}", "",
              f"{len(rows)} units; models {', '.join(config.models)}; seeds {list(config.seeds)}; "
              f"{config.train.steps} edit steps × {config.train.accumulate} micro-batches of {config.train.batch_size}."
-             " Probabilities are the paper's continuous accuracies (§5.1); ± is the 95% t-interval over seeds.", ""]
+             " Probabilities are the paper's continuous accuracies (§5.1); ± is the half-width of the 95% Student-t"
+             " interval over seeds (exact quantile, n − 1 degrees of freedom); a cell from one seed shows its mean"
+             " only, as one seed gives no interval.", "", CHANCE_RULE, ""]
     for n, ((model, point), by_loc) in enumerate(sorted(_groups(rows, grid_keys).items(), key=str)):
         all_rows = [r for group in by_loc.values() for r in group]
         present = _present(all_rows, report_columns(config.task))
         label = ", ".join(f"{k}={v}" for k, v in point)
         title = f"{model}" + (f" ({label})" if label else "")
         first = all_rows[0]
+        marked = not_informative(all_rows, present, config.task)
         parts += [f"## {title}", "",
                   f"forget {first['n_forget']} facts (measured on {first['n_forget_test']}), maintain "
                   f"{first['n_maintain_train']} train / {first['n_maintain_test']} test; "
                   f"{first['n_known']} of {first['n_candidates']} candidate facts known.", "",
-                  summary_table(by_loc, present), ""]
-        prob_columns = [c for c in present if c not in ("selection_score", "after/general/kl")]
-        bars = bar_plot(by_loc, prob_columns, directory / f"bars_{n}.png", title)
-        spider = spider_plot(by_loc, prob_columns, directory / f"spider_{n}.png", title)
-        parts += [f"![bars]({bars.name}) ![spider]({spider.name})", ""]
-        before = {k.removeprefix("before/"): v for k, v in first.items() if k.startswith("before/")
-                  and not k.endswith("_argmax") and isinstance(v, (int, float))}
-        parts += ["Before editing: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(before.items())), ""]
+                  summary_table(by_loc, present, marked, before_keys(config.task, all_rows, present)), ""]
+        if marked:
+            parts += ["† not informative on this model (before-edit value at chance): " + "; ".join(marked.values()),
+                      ""]
+        parts += [figures(by_loc, present, marked, directory, n, title), ""]
+        before = sorted(k for k in first if k.startswith("before/") and not k.endswith("_argmax")
+                        and isinstance(first[k], (int, float)))
+        cells = [f"{k.removeprefix('before/')} {_cell(_by_seed(all_rows, k).values())}" for k in before]
+        parts += ["Before editing (over seeds): " + ", ".join(cells), ""]
+        comparison = paired_comparison(by_loc, marked)
+        if comparison:
+            parts += [f"### Paired comparison: {REFERENCE} against every other localization, same seeds", "",
+                      comparison, ""]
     chosen = selection(rows, grid_keys)
     if chosen:
         parts += ["## Hyper-parameter selection (§4.4)", "", chosen, ""]

@@ -41,7 +41,7 @@ def prepare(config: SweepConfig, model, unit: Unit, store: RunStore) -> tuple[Ta
     """The unit's task and preparation: read from prep/ when an earlier run computed it, else computed and saved."""
     cfg = unit.config(config)
     task = make_task(cfg.task, cfg.data, cfg.eval)
-    split = task.split(model, cfg.data)
+    split = task.split(model, cfg.data, seed=unit.seed)
     path = store.prep_path(unit.prep_id)
     if path.is_file():
         general = text.general_text(model, cfg.general_text, unit.seed)

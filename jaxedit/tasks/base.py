@@ -13,21 +13,38 @@ import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar, Protocol
 
+from jaxedit.errors import JaxeditError
 from jaxedit.localize.pipeline import LocalizationInputs
-from jaxedit.tasks.split import Split
+from jaxedit.tasks.split import ORDERS, Split
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
-    """Which facts: the file, how many to edit, what counts as known, how many to maintain."""
+    """Which facts: the file, how many to edit, what counts as known, how many to maintain, in which order.
+
+    order 'file': every split is taken in the file's order (the paper's: its first n_forget known
+    rows, maintain 80/20 in order, relearning halves in order); 'seeded': the rows are permuted by
+    the run's seed first, so the seed draws the forget set from the known facts, the maintain split
+    and the relearning halves; null: 'file' for a given `path`, 'seeded' for the built-in facts.
+    """
 
     path: str | None = None  # null: the built-in set of the task
     mcq_path: str | None = None  # CounterFact MCQ parquet (prompt_id join); null: the options in the data
     n_forget: int = 16
     split: str | None = None  # sports whole-sport split (e.g. basketball) or CounterFact split name
     known_threshold: float = 0.5
-    max_maintain: int | None = 64  # cap on maintain facts kept (train 80% / test 20%); null: all
+    max_maintain: int | None = 120  # cap on maintain facts kept (train 80% / test 20%: 96 / 24); null: all
     pool_size: int = 8  # CounterFact few-shot pool (the last known rows; paper: 64)
+    order: str | None = None  # 'file' | 'seeded' | null (see the class doc)
+
+    def __post_init__(self):
+        if self.order not in (None, *ORDERS):
+            raise JaxeditError(f"data.order {self.order!r}: use one of {', '.join(ORDERS)} or null")
+
+    @property
+    def fact_order(self) -> str:
+        """`order`, with null resolved: 'file' when a data file is given, else 'seeded'."""
+        return self.order or ("file" if self.path else "seeded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +69,17 @@ class Task(Protocol):
     def build(cls, name: str, data: DataSettings, evaluation: EvalSettings) -> Task:
         """The task `name` with its facts loaded (cheap checks of the data happen here)."""
 
-    def split(self, model, data: DataSettings) -> Split:
-        """Keep the facts the model knows and split them into forget / maintain (/ pool, partitions)."""
+    def split(self, model, data: DataSettings, seed: int) -> Split:
+        """Keep the facts the model knows and split them into forget / maintain (/ pool, partitions).
+
+        seed: the row permutation when `data.fact_order` is 'seeded' (`split.ordered`)."""
 
     def localization_inputs(self, model, facts: list) -> LocalizationInputs:
         """Prompts, subjects, answers and competing answers of `facts` for localization (§3)."""
 
     def train_sets(self, tokenizer, split: Split) -> dict:
-        """The edit's training sets: {'forget': → new answer, 'maintain': → true answer}."""
+        """The edit's training sets: {'forget': → new answer, 'forget_true': the forget prompts → true answer (what
+        `train.unlearn` lowers), 'maintain': → true answer}."""
 
     def relearn_sets(self, tokenizer, facts: list, maintain: list) -> dict:
         """The relearning attack's sets: `facts` and `maintain` with their TRUE answers."""

@@ -2,6 +2,7 @@
 
 - 'counterfact': forget = the first n_forget known facts (`first_{n}_unsplit`, or `data.split`);
   maintain = the other known facts (80/20), few-shot MCQ pool = the last `pool_size` known facts.
+  "First" and "last" are in `data.fact_order`: file order, or permuted by the seed.
 - 'counterfact_sequential' (§4.5): the forget set is edited in 4 partitions, one after the other,
   each with its own localization and a fresh optimizer; metrics cover every forget fact.
 Relearning uses the TRUE targets (the paper's script trained towards target_false, §10.1).
@@ -18,7 +19,7 @@ from jaxedit.errors import JaxeditError
 from jaxedit.eval.counterfact_eval import evaluate_counterfact, known_facts
 from jaxedit.localize.pipeline import LocalizationInputs
 from jaxedit.tasks.base import DataSettings, EvalSettings
-from jaxedit.tasks.split import Split, cap_maintain
+from jaxedit.tasks.split import Split, cap_maintain, ordered
 
 COLUMNS = {  # §6.5 column -> metric key
     "forget": "after/fact/forget", "edit": "after/fact/edit", "maintain": "after/fact/maintain",
@@ -42,17 +43,18 @@ class CounterFactTask:
         self.facts, self.sequential, self.split_name, self.n_shots, self.seed = facts, sequential, split, n_shots, seed
         self.name = "counterfact_sequential" if sequential else "counterfact"
         self.pool: list = []
+        self.forget: list = []  # the last split's forget set (its slices name the paper's FLU settings)
 
     @classmethod
     def build(cls, name: str, data: DataSettings, evaluation: EvalSettings) -> CounterFactTask:
         return cls(cf.load_counterfact(data.path, data.mcq_path), sequential=name == "counterfact_sequential",
                    split=data.split, n_shots=evaluation.n_shots)
 
-    def split(self, model, data: DataSettings) -> Split:
-        """Keep the facts with P(first token of target_true) ≥ data.known_threshold, then split (module doc)."""
+    def split(self, model, data: DataSettings, seed: int) -> Split:
+        """Keep the facts with P(first token of target_true) ≥ data.known_threshold; order and split them."""
         n_forget, threshold, max_maintain, pool_size = data.n_forget, data.known_threshold, data.max_maintain, \
             data.pool_size
-        kept = known_facts(model, self.facts, threshold)
+        kept = ordered(known_facts(model, self.facts, threshold), data.fact_order, seed)
         if self.sequential and n_forget % N_PARTITIONS:
             raise JaxeditError(f"sequential editing splits the forget set into {N_PARTITIONS} partitions: "
                                f"make data.n_forget a multiple of {N_PARTITIONS} (paper: 64), got {n_forget}")
@@ -64,7 +66,7 @@ class CounterFactTask:
         parts = cf.splits(kept, name, pool_size)
         self.pool = list(parts.pool)
         train, held = cap_maintain(list(parts.maintain_train + parts.maintain_test), max_maintain)
-        forget = list(parts.forget_train)
+        forget = self.forget = list(parts.forget_train)
         size = len(forget) // N_PARTITIONS
         partitions = tuple(tuple(forget[i * size:(i + 1) * size]) for i in range(N_PARTITIONS)) \
             if self.sequential else ()
@@ -75,10 +77,19 @@ class CounterFactTask:
         """answer = first token of target_true [N], other = first token of target_false [N,1]; no class labels."""
         true = first_tokens(model.tokenizer, [f.target_true for f in facts])
         false = first_tokens(model.tokenizer, [f.target_false for f in facts])
-        return LocalizationInputs([f.prompt for f in facts], [f.subject.strip() for f in facts], true, false[:, None])
+        return LocalizationInputs([f.prompt for f in facts], [f.subject.strip() for f in facts], true, false[:, None],
+                                  setting=self._paper_setting(facts))
+
+    def _paper_setting(self, facts: list) -> str | None:
+        """'counterfact_{a}_{b}' when `facts` are rows a..b-1 of the forget set (the FLU settings), else None."""
+        for a in range(len(self.forget)):
+            if self.forget[a:a + len(facts)] == list(facts):
+                return f"counterfact_{a}_{a + len(facts)}"
+        return None
 
     def train_sets(self, tokenizer, split: Split) -> dict:
-        """{'forget': prompt → first token of target_false, 'maintain': prompt → first token of target_true}."""
+        """{'forget': prompt → target_false, 'forget_true': prompt → target_true, 'maintain': prompt → target_true}
+        (first tokens)."""
         return cf.training_sets(tokenizer, split.forget, split.maintain_train)
 
     def relearn_sets(self, tokenizer, facts: list, maintain: list) -> dict:

@@ -7,6 +7,11 @@ from typing import Callable
 
 import numpy as np
 
+from jaxedit.attacks.relearn import split_forget
+from jaxedit.errors import JaxeditError
+
+ORDERS = ("file", "seeded")  # `DataSettings.order`
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:
@@ -27,6 +32,25 @@ class Split:
         return {"n_forget": len(self.forget), "n_forget_test": len(self.forget_test),
                 "n_maintain_train": len(self.maintain_train), "n_maintain_test": len(self.maintain_test),
                 "n_known": self.n_known, "n_candidates": self.n_candidates}
+
+    def relearn_halves(self) -> tuple[list, list]:
+        """(relearned facts, held-out facts) of the attacks (§5.8).
+
+        A held-out forget_test (whole sport): the trained half and the held-out half. Otherwise the
+        forget set's first half and the rest (`relearn.split_forget`; seeded when the rows are).
+        """
+        if self.forget_test != self.forget:
+            return list(self.forget), list(self.forget_test)
+        return split_forget(list(self.forget))
+
+
+def ordered(facts: list, order: str, seed: int) -> list:
+    """`facts` in file order ('file') or permuted by np.random.default_rng(seed) ('seeded')."""
+    if order == "file":
+        return list(facts)
+    if order == "seeded":
+        return [facts[i] for i in np.random.default_rng(seed).permutation(len(facts))]
+    raise JaxeditError(f"unknown fact order {order!r}: use one of {', '.join(ORDERS)}")
 
 
 def cap_maintain(rest: list, max_maintain: int | None) -> tuple[list, list]:

@@ -7,6 +7,9 @@ split, the localization inputs, the training and relearning sets, and every eval
 - 'sport_to_golf': forget = the known athletes of one sport (`data.split`, e.g. 'basketball'),
   relabelled golf; training uses the first half, forget/edit metrics the held-out second half
   (§1.1); maintain = the other sports' known athletes, 80/20.
+"First" is in `data.fact_order`: the file's order (the paper's, e.g. a CSV in its `sports.csv`
+schema with `data.known_threshold=0` gives its first 16 rows, unfiltered), or a permutation by the
+seed, which draws the forget set from the known athletes and shuffles maintain and the halves.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from jaxedit.data import sports
 from jaxedit.data.batching import first_tokens
 from jaxedit.errors import JaxeditError
 from jaxedit.readout import candidate_probs, known
-from jaxedit.eval.latent import latent_knowledge
+from jaxedit.eval.latent import POSITIONS, latent_knowledge
 from jaxedit.eval.sports_eval import evaluate_sports
 from jaxedit.localize.pipeline import LocalizationInputs
 from jaxedit.tasks.base import DataSettings, EvalSettings
-from jaxedit.tasks.split import Split, cap_maintain, known_prefix
+from jaxedit.tasks.split import Split, cap_maintain, known_prefix, ordered
 
 RELEARN_FORMATS = ("fact", "mcq_fact")  # §5.8: templates 1 and 5, no system prompt
 COLUMNS = {  # §6.1 column -> metric key
@@ -53,10 +56,10 @@ class SportsTask:
     def build(cls, name: str, data: DataSettings, evaluation: EvalSettings) -> SportsTask:
         return cls(sports.load_sports(data.path), name, sport=data.split)
 
-    def split(self, model, data: DataSettings) -> Split:
-        """Filter the team athletes by P(true sport) ≥ data.known_threshold, then split (module doc)."""
+    def split(self, model, data: DataSettings, seed: int) -> Split:
+        """Filter the team athletes (in `data.fact_order`) by P(true sport) ≥ data.known_threshold; split them."""
         n_forget, threshold, max_maintain = data.n_forget, data.known_threshold, data.max_maintain
-        team = sports.team_facts(self.facts)
+        team = ordered(sports.team_facts(self.facts), data.fact_order, seed)
         if self.name == "sport_to_golf":
             need = len(team)
         else:
@@ -82,12 +85,12 @@ class SportsTask:
         return known(probs, np.array([sports.SPORTS.index(f.sport) for f in facts]), threshold)
 
     def localization_inputs(self, model, facts: list) -> LocalizationInputs:
-        """Answer ids [N] and the two other team sports' ids [N,2]; labels: the team sport's index."""
+        """Answer ids [N], the two other team sports' ids [N,2], labels: the team sport's index; setting 'sports'."""
         ids = first_tokens(model.tokenizer, list(sports.answers("fact")[:3]))
         labels = np.array([sports.TEAM_SPORTS.index(f.sport) for f in facts])
         others = np.array([[ids[j] for j in range(3) if j != y] for y in labels])
         return LocalizationInputs([sports.prompt(f.athlete) for f in facts], [f.athlete for f in facts], ids[labels],
-                                  others, labels)
+                                  others, labels, setting="sports")
 
     def _sets(self, tokenizer, named: dict) -> dict:
         ids = first_tokens(tokenizer, list(sports.answers("fact")))
@@ -96,8 +99,10 @@ class SportsTask:
                 for key, (facts, field) in named.items()}
 
     def train_sets(self, tokenizer, split: Split) -> dict:
-        """{'forget': prompts → injected sport, 'maintain': prompts → true sport} (training template)."""
+        """{'forget': prompts → injected sport, 'forget_true': the same prompts → true sport (what `train.unlearn`
+        lowers), 'maintain': prompts → true sport} (training template)."""
         return self._sets(tokenizer, {"forget": (split.forget, self.inject_field),
+                                      "forget_true": (split.forget, "sport"),
                                       "maintain": (split.maintain_train, "sport")})
 
     def relearn_sets(self, tokenizer, facts: list, maintain: list) -> dict:
@@ -113,16 +118,15 @@ class SportsTask:
                                inject_field=self.inject_field)
 
     def latent(self, model, split: Split, params, steps: int, seed: int) -> dict:
-        """§5.6 probes (team-sport injections only; whole-sport → golf has none to probe)."""
+        """§5.6 probes (team-sport injections only; whole-sport → golf has none to probe): 'probe_*' keys at
+        the last prompt token (the paper's), 'probe_subject_*' at the subject's last token (`latent.POSITIONS`)."""
         if self.name == "sport_to_golf":
             return {}
-        result = latent_knowledge(model, split.forget, split.maintain_train, params=params, seed=seed,
-                                  inject_field=self.inject_field, steps=steps)
-        return {"probe_maintain_test": result.maintain_test.tolist(),
-                "probe_ground_truth": result.forget_ground_truth.tolist(),
-                "probe_edit": result.forget_edit.tolist(),
-                "probe_gt_last": float(result.forget_ground_truth[-1]),
-                "probe_edit_last": float(result.forget_edit[-1])}
+        out = {}
+        for position, prefix in POSITIONS.items():
+            out |= latent_knowledge(model, split.forget, split.maintain_train, params=params, seed=seed,
+                                    inject_field=self.inject_field, steps=steps, position=position).row(prefix)
+        return out
 
     def soft_prompt_data(self, facts: list) -> tuple[list[str], list[str]]:
         """(prompts, true answer strings) the adversary is trained on (training template)."""
