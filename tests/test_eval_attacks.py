@@ -165,7 +165,7 @@ def test_run_experiment_end_to_end(tiny_llama_dir, team):
                         eval=EvalSettings(probe_steps=10),
                         relearn=RelearnSettings(lora_rank=2, steps=2, eval_at=(0, 2), accumulate=1),
                         soft_prompt=SoftPromptSettings(kind="prefix", n_vectors=2, steps=2, batch_size=2, restarts=2))
-    split = task.split(smol, settings.data)
+    split = task.split(smol, settings.data, seed=0)
     prepared = prepare(smol, task, split, settings, ("manual_interp",))
     assert prepared.scores == [{"flu_layers": (0, 1)}]  # given FLU layers: no fact lookup, no AP/CT for this one
     out = run_experiment(smol, task, prepared, "manual_interp", settings)

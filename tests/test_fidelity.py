@@ -57,7 +57,7 @@ def _subject_last(tokenizer, prompt: str, subject: str) -> int:
 def test_probe_reads_last_prompt_token_like_hf(tiny, tiny_llama_dir, team, monkeypatch):
     """§5.6: the probe rows' features are HF's hidden states at each prompt's last real token (subject: own keys)."""
     task = SportsTask(team[:12])
-    split = task.split(tiny, DataSettings(n_forget=4, known_threshold=0.0))
+    split = task.split(tiny, DataSettings(n_forget=4, known_threshold=0.0), seed=0)
     facts = split.maintain_train + split.forget
     rows = [tiny.tokenizer.encode(sports.prompt(f.athlete)) for f in facts]
     assert len({len(r) for r in rows}) > 1  # the left padding differs between rows
@@ -110,7 +110,7 @@ def test_unlearning_lowers_the_true_answer_through_the_task_batches(team, monkey
     """train.unlearn through the sweep's own batches (task.train_sets → experiment.edit): log(1 − p(TRUE sport))."""
     smol = jaxedit.load("smollm2-135m")
     task = SportsTask(team)
-    split = task.split(smol, DataSettings(n_forget=4, known_threshold=0.0, max_maintain=10))
+    split = task.split(smol, DataSettings(n_forget=4, known_threshold=0.0, max_maintain=10), seed=0)
     by_prompt = {tuple(smol.tokenizer.encode(sports.prompt(f.athlete))): f for f in split.forget}
     true_id = lambda f: smol.tokenizer.encode(f" {f.sport}", add_special_tokens=False)[0]  # noqa: E731
     before = _true_probs(smol, smol.params, split.forget)
@@ -188,7 +188,7 @@ def test_side_effects_score_held_out_windows_and_the_lm_term_trains_on_the_other
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(" ".join(f"doc{d}w{j}" for j in range(30)) for d in range(3)))
     task = SportsTask(team[:9])
-    split = task.split(tiny, DataSettings(n_forget=4, known_threshold=0.0))
+    split = task.split(tiny, DataSettings(n_forget=4, known_threshold=0.0), seed=0)
     settings = experiment.Settings(train=TrainSettings(steps=3, batch_size=2, accumulate=2),
                                    general_text=GeneralTextSettings(corpus=str(path), n=4, n_eval=3, ctx=12))
     general = text.general_text(tiny, settings.general_text, seed=0)
@@ -234,7 +234,7 @@ def test_relearn_eval_at_is_validated_and_follows_steps(tmp_path):
 def test_relearning_reports_the_final_step(tiny, team):
     """With the default eval_at, the experiment's relearning result is the measurement after all relearn.steps."""
     task = SportsTask(team[:10])
-    split = task.split(tiny, DataSettings(n_forget=4, known_threshold=0.0))
+    split = task.split(tiny, DataSettings(n_forget=4, known_threshold=0.0), seed=0)
     settings = experiment.Settings(relearn=RelearnSettings(lora_rank=2, steps=4, batch_size=2, accumulate=1),
                                    soft_prompt=SoftPromptSettings(enabled=False))
     out = experiment.attacks(tiny, task, split, tiny.params, settings)

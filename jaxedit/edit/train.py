@@ -31,6 +31,7 @@ from jaxedit.edit.lora import apply_lora, init_lora, side_params
 from jaxedit.edit.optim import AdamWSpec, apply_masked_updates, merge, split_trainable, trainable_part
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import components
+from jaxedit.models.registry import paper_model
 from jaxedit.sharding import on_data
 
 
@@ -287,16 +288,6 @@ PRESETS = {(setting, model, loc): {"lr": _TABLE[setting, model][g][0], "forget_l
                                    "steps": 50, "batch_size": 4, "accumulate": 16, "clip_norm": 1.0}
            for setting, model in _TABLE for loc, g in GROUPS.items()}
 SEQUENTIAL_STEPS = 25  # per partition (§4.5); counterfact_64 presets
-
-
-_PAPER_MODELS = {"gemma-7b": "gemma-7b", "gemma-2-9b": "gemma-2-9b", "meta-llama-3-8b": "llama-3-8b",
-                 "llama-3-8b": "llama-3-8b"}
-
-
-def paper_model(name: str) -> str:
-    """The paper model a hub id or path names ('google/gemma-2-9b' -> 'gemma-2-9b'); the name itself otherwise."""
-    base = name.rstrip("/").split("/")[-1].lower()
-    return _PAPER_MODELS.get(base, base)
 
 
 def preset(setting: str, model: str, localization: str) -> dict:

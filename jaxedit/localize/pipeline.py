@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxedit.edit.train import paper_model
+from jaxedit.models.registry import paper_model
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import activation_patching, attribution, causal_tracing, components, fact_lookup, metrics
 from jaxedit.localize.artifacts import ScoreArray, data_hash, save_heatmap

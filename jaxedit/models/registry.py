@@ -35,6 +35,16 @@ class _Source(NamedTuple):
     fetch: Callable[[], Path]
 
 
+_PAPER_MODELS = {"gemma-7b": "gemma-7b", "gemma-2-9b": "gemma-2-9b", "meta-llama-3-8b": "llama-3-8b",
+                 "llama-3-8b": "llama-3-8b"}
+
+
+def paper_model(name: str) -> str:
+    """The paper model a hub id or path names ('google/gemma-2-9b' -> 'gemma-2-9b'); the name itself otherwise."""
+    base = name.rstrip("/").split("/")[-1].lower()
+    return _PAPER_MODELS.get(base, base)
+
+
 def known_models() -> list[str]:
     return sorted(_PIP)
 

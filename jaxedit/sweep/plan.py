@@ -11,7 +11,7 @@ import json
 import math
 
 from jaxedit import sharding
-from jaxedit.edit.train import paper_model
+from jaxedit.models.registry import paper_model
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import components
 from jaxedit.localize.fact_lookup import PAPER_FLU_LAYERS
