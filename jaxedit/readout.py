@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.data.batching import first_tokens, fixed_batches, padded_batches
+from jaxedit.data.batching import first_tokens, fixed_batches, padded_batches, shared_prefix_length
+from jaxedit.errors import JaxeditError
 from jaxedit.models import core
 from jaxedit.sharding import on_data
 from jaxedit.tokenizer import pad
@@ -27,20 +28,27 @@ LOGIT_READS = ("logits", "candidates", "log_probs", "top")
 
 
 def read(params, cfg, tokens, mask, reads: tuple[str, ...], positions=None, columns=None, ids=None,
-         embed_hook=None, remat: bool = False, frozen_below: int = 0) -> dict[str, jax.Array]:
+         embed_hook=None, remat: bool = False, frozen_below: int = 0, prefix=None) -> dict[str, jax.Array]:
     """One forward of tokens/mask [B,T] read at positions [B,P] (default: each row's last real token).
 
     reads (any of): 'logits' [B,P,V]; 'candidates' [B,P,C] float32 softmax over the logits of token
     columns [C]; 'log_probs' [B,P,C] full-vocabulary float32 log-probs of token ids [B,C] and 'top'
     [B,P] their argmax token; 'resid_pre' / 'resid_post' [L,B,P,D] of every layer. embed_hook: a
     function of the raw embedding rows [B,T,D] (`core.embed`). Only the read positions are unembedded.
-    frozen_below: no backward below that layer (`core.run_layers`).
+    frozen_below: no backward below that layer (`core.run_layers`). prefix [S]: token ids every row
+    starts with, left out of tokens (`core.forward_shared_prefix`; logit reads only, positions index tokens).
     """
     positions = core.last_positions(mask) if positions is None else positions
     capture = tuple(s for s in RESIDUALS if s in reads)
-    logits, cache = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=positions,
-                                 capture=capture, remat=remat, embed_hook=embed_hook,
-                                 frozen_below=frozen_below)
+    if prefix is None:
+        logits, cache = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=positions,
+                                     capture=capture, remat=remat, embed_hook=embed_hook,
+                                     frozen_below=frozen_below)
+    elif capture or embed_hook is not None:
+        raise JaxeditError("a shared-prefix read gives logit reads only (no residuals, no embedding hook)")
+    else:
+        logits, cache = core.forward_shared_prefix(params, cfg, prefix, tokens, mask, positions, remat,
+                                                   frozen_below), {}
     out = {s: jnp.take_along_axis(cache[s], positions[None, :, :, None], axis=2) for s in capture}
     if "logits" in reads:
         out["logits"] = logits
@@ -57,11 +65,11 @@ def read(params, cfg, tokens, mask, reads: tuple[str, ...], positions=None, colu
 
 @partial(jax.jit, static_argnames=("cfg", "reads", "hook"))
 def read_jit(params, cfg, tokens, mask, reads: tuple[str, ...], positions=None, columns=None, ids=None, hook=None,
-             hook_args=None) -> dict[str, jax.Array]:
+             hook_args=None, prefix=None) -> dict[str, jax.Array]:
     """`read` under jit. With hook(adversary, shared, rows) -> rows and hook_args = (adversaries [R,...],
-    shared): one read per adversary (vmap), every output with a leading R axis."""
+    shared): one read per adversary (vmap), every output with a leading R axis. prefix: see `read`."""
     if hook is None:
-        return read(params, cfg, tokens, mask, reads, positions, columns, ids)
+        return read(params, cfg, tokens, mask, reads, positions, columns, ids, prefix=prefix)
     adversaries, shared = hook_args
     return jax.vmap(lambda adv: read(params, cfg, tokens, mask, reads, positions, columns, ids,
                                      partial(hook, adv, shared)))(adversaries)
@@ -71,20 +79,26 @@ def read_prompts(model, rows: list[list[int]], reads: tuple[str, ...], *, params
                  padding_side: str = "right", columns=None, ids=None, hook=None, adversaries=None,
                  slots: list[list[int]] | None = None) -> dict[str, np.ndarray]:
     """`read_jit` at the last real token of token rows [N] in `padded_batches`: {read: [N,...] (hook: [R,N,...])}.
-    Each batch shards over the 'data' axis of the mesh `params` live on (`sharding.on_data`).
+    Each batch shards over the 'data' axis of the mesh `params` live on (`sharding.on_data`). Logit reads of
+    right-padded rows that start with the same tokens (a template's head) run those once
+    (`batching.shared_prefix_length`, `core.forward_shared_prefix`).
 
     ids [N,C]: per-row asked tokens ('log_probs'). hook: see `read_jit`, with `adversaries` and the
     per-row `slots` (padded with -1 like the tokens) as its arguments.
     """
     params = model.params if params is None else params
     axis = 0 if hook is None else 1
+    prefix = None
+    if hook is None and padding_side == "right" and not set(reads) & set(RESIDUALS):
+        n = shared_prefix_length(rows)
+        prefix, rows = (jnp.asarray(rows[0][:n], jnp.int32), [r[n:] for r in rows]) if n else (None, rows)
     parts = []
     for _, index, n_real, tokens, mask in padded_batches(rows, model.tokenizer.pad_token_id, batch_size,
                                                          padding_side):
         shared = None if slots is None else pad([slots[i] for i in index], -1, padding_side, tokens.shape[1])[0]
         tokens, mask, asked, shared = on_data(params, (tokens, mask, None if ids is None else ids[index], shared))
         got = read_jit(params, model.cfg, tokens, mask, reads, None, columns, asked, hook,
-                       None if hook is None else (adversaries, shared))
+                       None if hook is None else (adversaries, shared), prefix)
         parts.append({k: np.asarray(v)[(slice(None),) * axis + (slice(0, n_real),)] for k, v in got.items()})
     return {k: np.concatenate([p[k] for p in parts], axis=axis) for k in parts[0]}
 
@@ -124,12 +138,15 @@ def logits_after(model, prompts: list[str], params=None) -> np.ndarray:
 
 
 def resid_at(cfg, params, tokens, mask, index, site: str = "resid_pre", batch_size: int = 32) -> np.ndarray:
-    """`site` ('resid_pre' or 'resid_post') [L,N,D] of every layer at position index [N] of each padded row
-    of tokens/mask [N,T], in `fixed_batches` of min(batch_size, N) rows (sharded by `sharding.on_data`)."""
+    """`site` ('resid_pre' or 'resid_post') of every layer at positions index of each padded row of tokens/mask
+    [N,T]: index [N] gives [L,N,D], index [N,P] (several positions per row, one forward) [L,N,P,D]. In
+    `fixed_batches` of min(batch_size, N) rows (sharded by `sharding.on_data`)."""
     tokens, mask, index = np.asarray(tokens), np.asarray(mask), np.asarray(index)
+    positions = index if index.ndim == 2 else index[:, None]
     out = []
     for _, rows, n_real in fixed_batches(len(tokens), min(batch_size, len(tokens))):
-        rows_tokens, rows_mask, positions = on_data(params, (tokens[rows], mask[rows], index[rows][:, None]))
-        got = read_jit(params, cfg, rows_tokens, rows_mask, (site,), positions)[site]
-        out.append(got[:, :n_real, 0])
-    return np.asarray(jnp.concatenate(out, axis=1))
+        rows_tokens, rows_mask, rows_positions = on_data(params, (tokens[rows], mask[rows], positions[rows]))
+        got = read_jit(params, cfg, rows_tokens, rows_mask, (site,), rows_positions)[site]
+        out.append(got[:, :n_real])
+    out = np.asarray(jnp.concatenate(out, axis=1))
+    return out if index.ndim == 2 else out[:, :, 0]

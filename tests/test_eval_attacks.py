@@ -75,7 +75,7 @@ def test_probe_features_are_hidden_states_at_the_last_prompt_and_subject_tokens(
     """§5.6 reads the last prompt token ('prompt', the paper's); 'subject' the subject's last token; left padding."""
     facts = [team[0], team[7]]
     prompts, subjects = [sports.prompt(f.athlete) for f in facts], [f.athlete for f in facts]
-    got = {pos: latent.probe_features(smol, facts, position=pos) for pos in latent.POSITIONS}
+    got = latent.probe_features(smol, facts)  # both positions, one forward
     assert len({len(smol.tokenizer.encode(p)) for p in prompts}) == 2  # rows of different lengths: padding matters
     for i, (prompt, subject) in enumerate(zip(prompts, subjects)):  # one unpadded prompt at a time
         ids, offsets = smol.tokenizer.encode_with_offsets(prompt)

@@ -64,9 +64,9 @@ def test_probe_reads_last_prompt_token_like_hf(tiny, tiny_llama_dir, team, monke
     seen = {}
     real = latent.probe_features
 
-    def spy(model, facts, params=None, position="prompt"):
-        seen[position] = real(model, facts, params, position)
-        return seen[position]
+    def spy(model, facts, params=None, positions=tuple(latent.POSITIONS)):
+        seen.update(real(model, facts, params, positions))
+        return {p: seen[p] for p in positions}
 
     monkeypatch.setattr(latent, "probe_features", spy)
     row = task.latent(tiny, split, tiny.params, steps=10, seed=0)
@@ -133,14 +133,19 @@ def test_unlearning_lowers_the_true_answer_through_the_task_batches(team, monkey
     assert len(seen) == 3
     for batch in seen:
         got = batch["forget_true"]
-        facts = [by_prompt[tuple(r[m == 1].tolist())] for r, m in zip(got["tokens"], got["mask"])]
+        facts = [by_prompt[_whole_row(got, r, m)] for r, m in zip(got["tokens"], got["mask"])]
         assert got["target"].tolist() == [true_id(f) for f in facts]  # the TRUE sports' tokens
     first = seen[0]["forget_true"]
-    p = _true_probs(smol, smol.params, [by_prompt[tuple(r[m == 1].tolist())]
+    p = _true_probs(smol, smol.params, [by_prompt[_whole_row(first, r, m)]
                                         for r, m in zip(first["tokens"], first["mask"])])
     assert seen[0]["metrics"]["forget"] == pytest.approx(-np.log1p(-p).mean(), rel=1e-3)  # hand log(1 − p), step 0
     after = _true_probs(smol, edited, split.forget)
     assert np.all(after < before), (before, after)
+
+
+def _whole_row(batch: dict, row, mask) -> tuple:
+    """A prompt's tokens from a batch row: the batch's shared 'prefix' [S] (if any), then the row's real tokens."""
+    return tuple(batch.get("prefix", np.zeros(0, int)).tolist() + row[mask == 1].tolist())
 
 
 def _locate(body: list[int], streams: list[list[int]]) -> tuple[int, int]:

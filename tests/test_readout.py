@@ -82,3 +82,49 @@ def test_cycling_order_concatenates_seeded_shuffles():
     expected = np.concatenate([again.permutation(4) for _ in range(3)])[:10]
     np.testing.assert_array_equal(order, expected)
     assert sorted(order[:4]) == sorted(order[4:8]) == [0, 1, 2, 3]
+
+
+def test_shared_prefix_forward_equals_the_full_rows():
+    """`core.forward_shared_prefix`: logits and gradients of prefix + row equal the full forward of the
+    concatenated rows, across the sliding window (3) of the local layers; right-padded rows."""
+    params = init_params(CFG, jax.random.key(1))
+    rng = np.random.default_rng(1)
+    prefix = jnp.asarray(rng.integers(1, 40, 5), jnp.int32)
+    rest = jnp.asarray(rng.integers(1, 40, (3, 4)), jnp.int32)
+    mask = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], jnp.int32)
+    whole = jnp.concatenate([jnp.broadcast_to(prefix, (3, 5)), rest], axis=1)
+    whole_mask = jnp.concatenate([jnp.ones((3, 5), jnp.int32), mask], axis=1)
+    last = core.last_positions(mask)
+
+    def shared(p, frozen_below=0):
+        return read(p, CFG, rest, mask, ("logits",), prefix=prefix, frozen_below=frozen_below)["logits"]
+
+    def full(p, frozen_below=0):
+        return read(p, CFG, whole, whole_mask, ("logits",), frozen_below=frozen_below)["logits"]
+
+    np.testing.assert_allclose(shared(params), full(params), atol=1e-5)
+    assert np.asarray(last)[:, 0].tolist() == [3, 1, 0]
+    loss = lambda p, f: (f(p) ** 2).sum()  # noqa: E731
+    for frozen_below in (0, 1):  # 1: no gradient below layer 1 (the tied embedding still gets the unembedding's)
+        g_shared = jax.grad(loss)(params, lambda p: shared(p, frozen_below))
+        g_full = jax.grad(loss)(params, lambda p: full(p, frozen_below))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), g_shared, g_full)
+        assert np.abs(np.asarray(g_shared["layers"]["mlp"]["w_up"][1])).max() > 1e-3
+
+
+def test_read_prompts_reads_shared_prefix_rows_like_whole_rows(batch):
+    from types import SimpleNamespace
+
+    from jaxedit.data.batching import shared_prefix_length
+    from jaxedit.readout import read_prompts
+
+    params, _, _ = batch
+    rows = [[5, 6, 7, 8, 9], [5, 6, 7, 2], [5, 6, 7, 3, 3, 3, 1]]
+    assert shared_prefix_length(rows) == 3
+    assert shared_prefix_length([[5, 6], [5, 6, 7]]) == 1  # every row keeps a token of its own
+    assert shared_prefix_length([[5, 6]]) == 0
+    model = SimpleNamespace(params=params, cfg=CFG, tokenizer=SimpleNamespace(pad_token_id=0))
+    got = read_prompts(model, rows, ("logits",), batch_size=2)["logits"][:, 0]
+    for i, row in enumerate(rows):
+        alone = core.forward(params, jnp.asarray([row]), CFG)[0][0, -1]
+        np.testing.assert_allclose(got[i], alone, atol=1e-5)

@@ -175,3 +175,15 @@ def test_units_build_no_program_an_earlier_unit_built(tiny_llama_dir, tmp_path, 
     assert other_groups[step] == 1 and not {"jit(read_jit)", "jit(_probe_predictions)"} & set(other_groups)
     rows = {r["localization"]: r for r in _rows(tmp_path / "runs" / "grid")}
     assert rows["random_mlps"]["components"] != rows["manual_interp"]["components"]
+
+
+def test_the_default_config_trains_each_group_with_the_measured_270m_preset():
+    """configs/default.yaml: ≥ 3 seeds, and every unit's lr / coefficient is docs/budget_270m.md's choice for its group."""
+    from jaxedit.sweep.runner import unit_settings
+
+    config = load_config("default")
+    assert len(config.seeds) >= 3 and config.train.preset == "sports_athletes"
+    lr = {u.localization: unit_settings(config, u).train.lr for u in expand(config)}
+    assert lr == {"manual_interp": 1e-4, "random_mlps": 1e-4, "localized_ap_mlps": 1e-4, "localized_ct_mlps": 1e-4,
+                  "localized_ap": 3e-4, "localized_ct": 3e-4, "random": 3e-4, "nonlocalized": 3e-5, "all_mlps": 3e-5}
+    assert {unit_settings(config, u).train.forget_loss_coef for u in expand(config)} == {1.0}

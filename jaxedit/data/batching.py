@@ -44,6 +44,18 @@ def cycling_order(permutation, n: int, need: int) -> np.ndarray:
     return np.concatenate([permutation(n) for _ in range(-(-need // n))])[:need]
 
 
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading token ids all rows share, leaving each row at least one of its own (0 for one row)."""
+    if len(rows) < 2:
+        return 0
+    limit = min(len(r) for r in rows) - 1
+    first = rows[0]
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
 def first_tokens(tokenizer, answers: list[str]) -> np.ndarray:
     """Id [C] of the first token of each answer string (answers are scored by their first token)."""
     return np.array([tokenizer.encode(a, add_special_tokens=False)[0] for a in answers], np.int32)
@@ -55,7 +67,9 @@ class PromptBatches:
     sets: {key: (prompts [N] str, targets [N] int token ids)}, e.g. {'forget': ..., 'maintain': ...}.
     `self(i)` is micro-batch i: {key: {'tokens' [B,T], 'mask' [B,T], 'target' [B]}} with one bucket
     length T for every key and step (one compile). Right padding; the target is read at the last
-    real position. Empty sets are dropped.
+    real position. Empty sets are dropped. When every prompt starts with the same S tokens (a
+    template's head), tokens hold only the rest and each key also has 'prefix' [S] (those ids; the
+    forward runs them once, `core.forward_shared_prefix`).
     """
 
     def __init__(self, tokenizer, sets: dict, batch_size: int, n_batches: int, seed: int = 0):
@@ -64,7 +78,11 @@ class PromptBatches:
                    for key, (prompts, targets) in sets.items() if len(prompts)}
         if not encoded:
             raise JaxeditError("no facts to train on: give at least one non-empty fact set")
-        length = bucket_length(max(len(r) for rows, _ in encoded.values() for r in rows))
+        every = [r for rows, _ in encoded.values() for r in rows]
+        shared = shared_prefix_length(every)
+        self.prefix = np.asarray(every[0][:shared], np.int32) if shared else None
+        encoded = {key: ([r[shared:] for r in rows], target) for key, (rows, target) in encoded.items()}
+        length = bucket_length(max(len(r) - shared for r in every))
         need = batch_size * n_batches
         self.batch_size, self.data = batch_size, {}
         for key, (rows, target) in encoded.items():
@@ -78,4 +96,6 @@ class PromptBatches:
             rows = order[i * self.batch_size:(i + 1) * self.batch_size]
             out[key] = {"tokens": jnp.asarray(tokens[rows]), "mask": jnp.asarray(mask[rows]),
                         "target": jnp.asarray(target[rows])}
+            if self.prefix is not None:
+                out[key]["prefix"] = jnp.asarray(self.prefix)
         return out

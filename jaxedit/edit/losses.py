@@ -70,12 +70,13 @@ def kl_loss(reference_logits: jax.Array, logits: jax.Array, attention_mask: jax.
 
 
 def last_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False,
-                frozen_below: int = 0) -> jax.Array:
+                frozen_below: int = 0, prefix: jax.Array | None = None) -> jax.Array:
     """Logits [B,V] after each prompt, unembedding only the last real position (`readout.read`).
 
-    frozen_below: no backward below that layer (`core.run_layers`)."""
+    frozen_below: no backward below that layer (`core.run_layers`). prefix [S]: ids every prompt starts
+    with, left out of tokens (`core.forward_shared_prefix`)."""
     return read(params, cfg, tokens, attention_mask, ("logits",), remat=remat,
-                frozen_below=frozen_below)["logits"][:, 0]
+                frozen_below=frozen_below, prefix=prefix)["logits"][:, 0]
 
 
 def next_token_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array,

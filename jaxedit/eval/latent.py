@@ -78,30 +78,36 @@ def probe_edit(maintain_x, maintain_y, forget_x, forget_true, forget_inject, *, 
                         (forget == np.asarray(forget_inject)).mean(-1))
 
 
-def probe_tokens(tokenizer, facts: list, position: str = "prompt"):
-    """(ids [N,T], mask [N,T], index [N] of the read position) of the facts' training-format prompts, left padding."""
-    if position not in POSITIONS:
-        raise JaxeditError(f"probe position {position!r} is unknown: use one of {', '.join(POSITIONS)}")
+def probe_tokens(tokenizer, facts: list):
+    """(ids [N,T], mask [N,T], {position: index [N]}) of the facts' training-format prompts, left padding:
+    the read index of every `POSITIONS` entry."""
     ids, mask, subject = subject_last_tokens(tokenizer, [sports.prompt(f.athlete) for f in facts],
                                              [f.athlete for f in facts], padding_side="left")
-    return ids, mask, subject if position == "subject" else np.full(len(facts), ids.shape[1] - 1)
+    return ids, mask, {"prompt": np.full(len(facts), ids.shape[1] - 1), "subject": subject}
 
 
-def probe_features(model, facts: list, params=None, position: str = "prompt") -> np.ndarray:
-    """resid_pre [L,N,D] (float32) of every layer at `position` of each fact's prompt under `params`."""
+def probe_features(model, facts: list, params=None, positions=tuple(POSITIONS)) -> dict[str, np.ndarray]:
+    """{position: resid_pre [L,N,D] (float32)} of every layer at each of `positions` of each fact's prompt under
+    `params`, read by one forward."""
+    unknown = set(positions) - set(POSITIONS)
+    if unknown:
+        raise JaxeditError(f"probe position(s) {sorted(unknown)} unknown: use some of {', '.join(POSITIONS)}")
     params = model.params if params is None else params
-    return np.asarray(resid_at(model.cfg, params, *probe_tokens(model.tokenizer, facts, position)), np.float32)
+    ids, mask, index = probe_tokens(model.tokenizer, facts)
+    x = resid_at(model.cfg, params, ids, mask, np.stack([index[p] for p in positions], axis=1))  # [L,N,P,D]
+    return {p: np.asarray(x[:, :, i], np.float32) for i, p in enumerate(positions)}
 
 
 def latent_knowledge(model, forget: list, maintain: list, *, params=None, seed: int = 0,
                      inject_field: str = "inject_without_golf", steps: int = 100,
-                     position: str = "prompt") -> LatentResult:
-    """§5.6 on sports facts: probes on the maintain athletes' activations under `params`, applied to `forget`."""
+                     positions=tuple(POSITIONS)) -> dict[str, LatentResult]:
+    """§5.6 on sports facts, {position: result}: probes on the maintain athletes' activations under `params`,
+    applied to `forget`."""
     if any(f.sport not in sports.TEAM_SPORTS or getattr(f, inject_field) not in sports.TEAM_SPORTS for f in forget) \
             or any(f.sport not in sports.TEAM_SPORTS for f in maintain):
         raise JaxeditError("latent probing classifies the three team sports: drop golfers and golf injections")
-    x = probe_features(model, list(maintain) + list(forget), params, position)
+    features = probe_features(model, list(maintain) + list(forget), params, positions)
     label = lambda rows, field: np.array([sports.TEAM_SPORTS.index(getattr(f, field)) for f in rows])  # noqa: E731
     n = len(maintain)
-    return probe_edit(x[:, :n], label(maintain, "sport"), x[:, n:], label(forget, "sport"),
-                      label(forget, inject_field), seed=seed, steps=steps)
+    return {p: probe_edit(x[:, :n], label(maintain, "sport"), x[:, n:], label(forget, "sport"),
+                          label(forget, inject_field), seed=seed, steps=steps) for p, x in features.items()}

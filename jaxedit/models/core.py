@@ -403,6 +403,51 @@ def forward(
     return unembed(cfg, params, x), cache
 
 
+def forward_shared_prefix(
+    params: Params,
+    cfg: ModelConfig,
+    prefix: jax.Array,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    logit_positions: jax.Array,
+    remat: bool = False,
+    frozen_below: int = 0,
+) -> jax.Array:
+    """Logits [B,P,V] of the rows prefix + tokens[b], unembedded at logit_positions [B,P] (indices into tokens).
+
+    prefix [S]: token ids every row starts with (a prompt template's shared head); its layers run
+    once for the batch and every row attends to its keys and values, so a layer costs S + B·T
+    positions instead of B·(S+T). tokens/mask [B,T]: the rest of each row, right-padded. Equals
+    `forward` on the concatenated rows. frozen_below: as in `run_layers`.
+    """
+    b, s = tokens.shape[0], prefix.shape[0]
+    whole = jnp.concatenate([jnp.ones((b, s), attention_mask.dtype), attention_mask], axis=1)
+    ctx = make_context(cfg, whole).rows(s)  # rows' queries over prefix + row keys
+    prefix_ctx = make_context(cfg, jnp.ones((1, s), jnp.int32))
+    carry = (embed(cfg, params, prefix[None], prefix_ctx), embed(cfg, params, tokens, ctx))
+    none = Sites({}, ())
+
+    def body(carry, scanned):
+        head, x = carry
+        lp, inv_freq, is_local = scanned
+        kv = keys_values(cfg, lp, head, prefix_ctx.positions, inv_freq)
+        kv = KeysValues(*(jnp.broadcast_to(a, (b, *a.shape[1:])) for a in kv))
+        x = block(cfg, lp, x, ctx, inv_freq, is_local, none, prefix=kv)
+        return (block(cfg, lp, head, prefix_ctx, inv_freq, is_local, none), x), None
+
+    if remat:
+        body = jax.checkpoint(body)
+    consts = layer_constants(cfg)
+    scanned = (params["layers"], consts.inv_freq, consts.is_local)
+    if frozen_below:
+        below = jax.tree.map(lambda a: a[:frozen_below], scanned)
+        carry, _ = jax.lax.scan(body, *jax.lax.stop_gradient((carry, below)))
+        scanned = jax.tree.map(lambda a: a[frozen_below:], scanned)
+        carry = jax.lax.stop_gradient(carry)
+    (_, x), _ = jax.lax.scan(body, carry, scanned)
+    return unembed(cfg, params, jnp.take_along_axis(x, logit_positions[..., None], axis=1))
+
+
 def last_positions(attention_mask: jax.Array) -> jax.Array:
     """Index [B,1] of the last real token of each row (right or left padding)."""
     t = attention_mask.shape[1]

@@ -122,11 +122,9 @@ class SportsTask:
         the last prompt token (the paper's), 'probe_subject_*' at the subject's last token (`latent.POSITIONS`)."""
         if self.name == "sport_to_golf":
             return {}
-        out = {}
-        for position, prefix in POSITIONS.items():
-            out |= latent_knowledge(model, split.forget, split.maintain_train, params=params, seed=seed,
-                                    inject_field=self.inject_field, steps=steps, position=position).row(prefix)
-        return out
+        results = latent_knowledge(model, split.forget, split.maintain_train, params=params, seed=seed,
+                                   inject_field=self.inject_field, steps=steps)
+        return {k: v for position, result in results.items() for k, v in result.row(POSITIONS[position]).items()}
 
     def soft_prompt_data(self, facts: list) -> tuple[list[str], list[str]]:
         """(prompts, true answer strings) the adversary is trained on (training template)."""
