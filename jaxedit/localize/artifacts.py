@@ -123,6 +123,8 @@ def save_heatmap(score: ScoreArray, path: str | Path, *, title: str | None = Non
         if axis in score.labels:
             set_ticks[0](range(n))
             set_ticks[1](score.labels[axis], fontsize=7, rotation=90 if set_ticks[0] == ax.set_xticks else 0)
+    if not axes[1]:
+        ax.set_xticks([])  # a 1-D score has no second axis to label
     ax.set_title(title or f"{score.method} {score.model}".strip())
     fig.tight_layout()
     path = Path(path)
