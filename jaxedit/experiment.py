@@ -80,7 +80,7 @@ class Prepared:
 
 def prepare(model, task: Task, split: Split, settings: Settings = Settings(),
             localizations=components.PAPER_LOCALIZATIONS, seed: int = 0, on_scores=None) -> Prepared:
-    """Scores for `localizations` on each partition's facts, before-edit metrics, general text.
+    """Scores for `localizations` on each partition's facts, before-edit metrics (probes included), general text.
 
     on_scores(scores): called once the scores exist (the sweep logs the FLU layers there).
     """
@@ -92,6 +92,9 @@ def prepare(model, task: Task, split: Split, settings: Settings = Settings(),
     general = text.general_text(model, settings.general_text, seed)
     before = evaluate(model, task, split, None, "before") | side_effects(model, model.params, general, settings.eval,
                                                                           "before")
+    if settings.eval.probes:  # the probes' before-edit baseline: the same fit on the original params
+        before |= {f"before/{k}": v for k, v in
+                   task.latent(model, split, model.params, settings.eval.probe_steps, seed).items()}
     return Prepared(split, scores, before, general)
 
 

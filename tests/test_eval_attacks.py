@@ -179,4 +179,6 @@ def test_run_experiment_end_to_end(tiny_llama_dir, team):
     assert out["forget"] == out["after/fact/forget"] and out["edit"] == out["after/qa/edit"]
     assert out["selection_score"] == pytest.approx(1 - out["forget"] + out["maintain"] + out["edit"])
     assert len(out["probe_ground_truth"]) == len(out["probe_subject_ground_truth"]) == smol.cfg.n_layers
+    original = latent.latent_knowledge(smol, split.forget, split.maintain_train, params=smol.params, seed=0, steps=10)
+    assert out["before/probe_ground_truth"] == original["prompt"].forget_ground_truth.tolist()  # the unedited model's
     assert all(np.isfinite(out[k]) for k in keys if k != "n_params")

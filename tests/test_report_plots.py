@@ -43,6 +43,7 @@ def _row(seed: int, loc: str) -> dict:
             "before/fact/forget": 0.7 + 0.01 * s, "before/fact/maintain": 0.75 + 0.02 * s,
             "before/qa/edit": 0.1 + 0.01 * s, "before/qa/forget": 0.8, "before/mcq/forget": 0.85 + 0.01 * s,
             "before/mcq/edit": 0.05, "before/mcq/maintain": 0.9 - 0.01 * s, "before/general/accuracy": 0.41 + 0.001 * s,
+            "before/probe_gt_last": 0.9 - 0.05 * s, "before/probe_ground_truth": [0.6, 0.8 + 0.03 * s, 0.9, 0.9 - 0.05 * s],
             **relearn}
 
 
@@ -98,7 +99,9 @@ def test_summary_table_before_edit_row_first_then_paper_order(tmp_path):
     assert before["forget"] == f"{_mean(values):.3f} ± {_half(values):.3f}"
     values = [0.41 + 0.001 * s for s in SEEDS]
     assert before["after/general/accuracy"] == f"{_mean(values):.3f} ± {_half(values):.3f}"
-    assert before["seeds"] == "3" and before["relearn_forget"] == "–" and before["probe_gt_last"] == "–"
+    assert before["seeds"] == "3" and before["relearn_forget"] == "–"
+    values = [0.9 - 0.05 * s for s in SEEDS]
+    assert before["probe_gt_last"] == f"{_mean(values):.3f} ± {_half(values):.3f}"
     random = dict(zip(header, body[3]))
     values = [_row(s, "random")["edit"] for s in SEEDS]
     assert random["edit"] == f"{_mean(values):.3f} ± {_half(values):.3f}"
@@ -159,6 +162,8 @@ def test_probe_lines_equal_hand_means_per_layer(tmp_path):
         line = _line(ax, loc)
         assert list(line.get_xdata()) == list(range(N_LAYERS))
         assert line.get_ydata() == pytest.approx(np.mean(own, axis=0))
+    before = [[0.6, 0.8 + 0.03 * s, 0.9, 0.9 - 0.05 * s] for s in SEEDS]  # one per seed, not one per row
+    assert _line(ax, "before edit").get_ydata() == pytest.approx(np.mean(before, axis=0))
     assert plots.probe_plot(_by_loc([{k: v for k, v in r.items() if k != "probe_ground_truth"} for r in rows]),
                             tmp_path / "none.png", "tiny") is None
 

@@ -25,6 +25,8 @@ SPIDER = (("edit", "edit"), ("maintain", "maintain"), ("MCQ edit", "mcq_edit"),
 GENERAL = (("after/mmlu", "MMLU"), ("after/general/accuracy", "general-text accuracy"))  # first present is used
 RELEARN_KEY = re.compile(r"relearn/(\d+)/fact/(forget|maintain)$")
 
+BEFORE = "before edit"  # the label of before-edit values (the summary table's first row, the probe plot's line)
+
 
 def color(loc: str):
     """One colour per localization, the same in every figure."""
@@ -155,7 +157,8 @@ def _layer_value(row: dict, key: str, layer: int):
 
 
 def probe_plot(by_loc: dict, path: Path, title: str, key: str = "probe_ground_truth") -> Figure | None:
-    """Probe accuracy on the edited facts' true answer by layer, one line per localization (mean over seeds)."""
+    """Probe accuracy on the edited facts' true answer by layer, one line per localization and one before the edit
+    (`before/{key}`, the same probe fit on the original params), means over seeds."""
     n_layers = max((len(r[key]) for rows in by_loc.values() for r in rows if isinstance(r.get(key), list)),
                    default=0)
     if not n_layers:
@@ -163,10 +166,13 @@ def probe_plot(by_loc: dict, path: Path, title: str, key: str = "probe_ground_tr
     fig, ax = _figure((8, 4.5))
     for loc, rows in by_loc.items():
         _band(ax, np.arange(n_layers), rows, lambda r, layer: _layer_value(r, key, layer), loc)
+    seeds = list({r["seed"]: r for rows in by_loc.values() for r in rows}.values())  # before-edit values: one per seed
+    if any(isinstance(r.get(f"before/{key}"), list) for r in seeds):
+        _band(ax, np.arange(n_layers), seeds, lambda r, layer: _layer_value(r, f"before/{key}", layer), BEFORE)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (residual stream entering it; 0 = embeddings)")
     ax.set_ylabel("probe predicts the original answer\n(fraction of forget facts)")
     ax.set_ylim(-0.02, 1.05)
-    ax.set_title(f"{title}: latent knowledge after editing, {key} (mean over seeds)", fontsize=10)
+    ax.set_title(f"{title}: latent knowledge before and after editing, {key} (mean over seeds)", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(fig, path)

@@ -19,6 +19,7 @@ from jaxedit.localize.artifacts import ScoreArray, save_heatmap
 from jaxedit.localize.components import PAPER_LOCALIZATIONS
 from jaxedit.io import atomic_write
 from jaxedit.sweep import plots, stats
+from jaxedit.sweep.plots import BEFORE
 from jaxedit.sweep.stats import mean_interval
 from jaxedit.tasks import task_class
 
@@ -28,7 +29,6 @@ PAPER_TAIL = {  # after the task's own columns, in §6's order: tinyMMLU's slot,
     "counterfact": ("after/mmlu", "after/general/accuracy", "relearn_forget", "relearn_edit", "relearn_maintain",
                     "softprompt_forget", "softprompt_maintain")}
 EXTRA_COLUMNS = ("after/general/kl", "selection_score")  # not in the paper's tables (last), not probabilities
-BEFORE = "before edit"  # the summary table's first row
 HEADLINE = ("forget", "edit", "maintain", "mcq_forget", "relearn_forget")
 REFERENCE = "manual_interp"  # fact lookup: compared with every other localization, seed by seed
 PAIRED = {"forget_qa": ("QA-format forget", True), "relearn_forget": ("relearned forget", True),  # column: (label,
@@ -105,8 +105,8 @@ def report_columns(task: str) -> tuple[str, ...]:
 
 def before_keys(task: str, rows: list[dict], columns) -> dict[str, str]:
     """{column: its before-edit key} for the columns whose metric rows also measured before editing."""
-    keys = dict(task_class(task).columns) | {c: c for c in columns if c.startswith("after/")}
-    out = {c: "before/" + keys[c].removeprefix("after/") for c in columns if c in keys}
+    keys = dict(task_class(task).columns)
+    out = {c: "before/" + keys.get(c, c).removeprefix("after/") for c in columns}
     return {c: k for c, k in out.items() if any(isinstance(r.get(k), (int, float)) for r in rows)}
 
 
