@@ -194,9 +194,10 @@ def run_jaxedit(name, model, p, matmul, repeats, chunk, train_p, lora_rank) -> t
 def tracing_noise(model, p) -> tuple[np.ndarray, float]:
     """The subject noise [1,B,T,D] causal tracing draws from TRACING_KEY, and its ROME scale (sent to the peer)."""
     cfg, tokens = model.cfg, np.asarray(p["clean"])
-    scale = corruptions.noise_scale(model.params["embed"]["tokens"], tokens[p["subject"]], "rome", cfg.embed_scale)
-    noise = corruptions.subject_noise(TRACING_KEY, jnp.asarray(p["subject"]), cfg.d_model, float(scale), 1)
-    return np.asarray(noise), float(scale)
+    scale = corruptions.noise_scale(model.params["embed"]["tokens"], tokens, p["subject"], "rome", cfg.embed_scale)
+    scale = float(scale[0])  # 'rome': one std for the batch
+    noise = corruptions.subject_noise(TRACING_KEY, jnp.asarray(p["subject"]), cfg.d_model, scale, 1)
+    return np.asarray(noise), scale
 
 
 def train_rows(name, model, p, matmul, repeats, lora_rank: int) -> tuple[list[dict], dict]:
