@@ -214,6 +214,9 @@ def test_residual_and_head_sweeps_equal_torch_hooks(tiny, name, direction):
 
 
 ATP_SITES = ("attn_q", "attn_k", "attn_v", "attn_z", "mlp_in", "mlp_out", "mlp_hidden", "resid_pre")
+# the axes a site's score sums over ([B,T,heads,E] -> per head, [B,T,F] -> per neuron, [B,T,D] -> per position)
+SUMMED_AXES = {"attn_q": (0, 1, 3), "attn_k": (0, 1, 3), "attn_v": (0, 1, 3), "attn_z": (0, 1, 3), "mlp_hidden": (0, 1),
+             "resid_pre": (0, 2)}
 
 
 def _torch_atp(hf, cfg, clean, corrupt, mask, answer, others):
@@ -234,14 +237,7 @@ def _torch_atp(hf, cfg, clean, corrupt, mask, answer, others):
         for layer in range(cfg.n_layers):
             delta = bad.site(site, layer, cfg) - run.site(site, layer, cfg)
             product = (delta * run.site(site, layer, cfg, grad=True)).detach()
-            if site in ("attn_q", "attn_z", "attn_k", "attn_v"):
-                rows.append(product.sum((0, 1, 3)))
-            elif site == "mlp_hidden":
-                rows.append(product.sum((0, 1)))
-            elif site == "resid_pre":
-                rows.append(product.sum((0, 2)))
-            else:
-                rows.append(product.sum())
+            rows.append(product.sum(SUMMED_AXES.get(site, tuple(range(product.ndim)))))
         out[site] = torch.stack(rows).numpy() / denominator
     return out
 
@@ -249,14 +245,9 @@ def _torch_atp(hf, cfg, clean, corrupt, mask, answer, others):
 @pytest.mark.parametrize("name", ["qwen2", "gpt_neox"])
 def test_attribution_patching_equals_torch_autograd(tiny, name):
     hf, model, _ = tiny(name)
-    clean, mask = padded_batch("left", lengths=(9, 7, 5, 9, 6), seed=5)
-    rng = np.random.default_rng(6)
-    corrupt = clean.copy()
-    for row, n in enumerate(mask.sum(1)):  # a two-token "subject" inside each prompt, resampled
-        start = clean.shape[1] - n + 1
-        corrupt[row, start:start + 2] = rng.integers(3, VOCAB, 2)
-    answer = hf_forward(hf, clean, mask).logits[:, -1].argmax(-1).numpy()
-    others = rng.integers(3, VOCAB, (len(clean), 2))
+    clean, corrupt, mask = _pair_batch()
+    answer = hf_forward(hf, clean, mask).logits[:, -1].argmax(-1).numpy()  # what the model predicts
+    others = OTHERS
     result = attribution_patching(model.params, model.cfg, clean, corrupt, mask, (answer, others), sites=ATP_SITES,
                                   chunk=2)
     ref = _torch_atp(hf, model.cfg, clean, corrupt, mask, answer, others)

@@ -70,14 +70,13 @@ def test_logits_match_transformers_on_a_batch(reference, model):
     cfg = model.cfg
     assert (cfg.family, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_mlp) == ("qwen2", 24, 896, 14, 2, 4864)
     assert cfg.qkv_bias and not cfg.out_bias and not cfg.tie_embeddings
-    ours = logits_after(model, PROMPTS)  # one right-padded batch
-    for prompt, row in zip(PROMPTS, ours):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids  # each prompt alone, unpadded
-        assert model.tokenizer.encode(prompt) == ids[0].tolist()
-        with torch.no_grad():
-            ref = hf(input_ids=ids).logits[0, -1].numpy()
-        assert np.abs(row - ref).max() <= 1e-3, prompt
-        assert row.argmax() == ref.argmax(), prompt
+    ours = logits_after(model, PROMPTS)  # [B,V] at the last real token of a right-padded batch
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():  # HF's own left-padded batch: the last position is every prompt's last token
+        ref = hf(**batch, position_ids=(batch.attention_mask.cumsum(1) - 1).clamp(min=0)).logits[:, -1].numpy()
+    assert [model.tokenizer.encode(p) for p in PROMPTS] == [tokenizer(p).input_ids for p in PROMPTS]
+    assert np.abs(ours - ref).max() <= 1e-3
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
 
 
 def test_export_round_trip(model, tmp_path):

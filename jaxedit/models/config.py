@@ -172,6 +172,18 @@ def _first_id(value):
     return value[0] if isinstance(value, list) else value
 
 
+def _token_ids(raw: dict, bos: int | None = None, eos: int | None = None) -> dict:
+    """bos / eos / pad token ids (the first of a list), with the config class's defaults."""
+    return {"bos_token_id": _first_id(raw.get("bos_token_id", bos)), "eos_token_id": _first_id(raw.get("eos_token_id", eos)),
+            "pad_token_id": _first_id(raw.get("pad_token_id"))}
+
+
+def _sizes(raw: dict) -> dict:
+    """Vocabulary, d_model, layers, query heads and d_mlp, as every config but GPT-2's names them."""
+    return {"vocab_size": raw["vocab_size"], "d_model": raw["hidden_size"], "n_layers": raw["num_hidden_layers"],
+            "n_heads": raw["num_attention_heads"], "d_mlp": raw["intermediate_size"]}
+
+
 def _gpt2(raw: dict, family: str, common: dict) -> ModelConfig:
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if raw.get(flag):
@@ -200,9 +212,7 @@ def _gpt2(raw: dict, family: str, common: dict) -> ModelConfig:
         query_scale=(d // h) ** -0.5,
         local_layers=(False,) * raw["n_layer"],
         tie_embeddings=raw.get("tie_word_embeddings", True),
-        bos_token_id=_first_id(raw.get("bos_token_id")),
-        eos_token_id=_first_id(raw.get("eos_token_id")),
-        pad_token_id=_first_id(raw.get("pad_token_id")),
+        **_token_ids(raw),
         **common,
     )
 
@@ -300,13 +310,9 @@ def _rotary(raw: dict, family: str, common: dict) -> ModelConfig:
     attention_bias = bool(raw.get("attention_bias", False))
     return ModelConfig(
         family=family,
-        vocab_size=raw["vocab_size"],
-        d_model=d,
-        n_layers=n_layers,
-        n_heads=h,
+        **_sizes(raw),
         n_kv_heads=raw.get("num_key_value_heads") or h,
         head_dim=head_dim,
-        d_mlp=raw["intermediate_size"],
         activation=_activation(act),
         norm="rmsnorm",
         norm_eps=raw.get("rms_norm_eps", fam.eps),
@@ -327,9 +333,7 @@ def _rotary(raw: dict, family: str, common: dict) -> ModelConfig:
         post_norms=fam.post_norms,
         qk_norm=fam.qk_norm,
         tie_embeddings=raw.get("tie_word_embeddings", fam.tied),
-        bos_token_id=_first_id(raw.get("bos_token_id")),
-        eos_token_id=_first_id(raw.get("eos_token_id")),
-        pad_token_id=_first_id(raw.get("pad_token_id")),
+        **_token_ids(raw),
         **common,
     )
 
@@ -348,13 +352,9 @@ def _gpt_neox(raw: dict, family: str, common: dict) -> ModelConfig:
     bias = bool(raw.get("attention_bias", True))
     return ModelConfig(
         family=family,
-        vocab_size=raw["vocab_size"],
-        d_model=d,
-        n_layers=n_layers,
-        n_heads=h,
+        **_sizes(raw),
         n_kv_heads=h,
         head_dim=head_dim,
-        d_mlp=raw["intermediate_size"],
         activation=_activation(raw.get("hidden_act", "gelu")),
         norm="layernorm",
         norm_eps=raw.get("layer_norm_eps", 1e-5),
@@ -369,8 +369,6 @@ def _gpt_neox(raw: dict, family: str, common: dict) -> ModelConfig:
         rotary_dim=int(head_dim * fraction),
         parallel_residual=bool(raw.get("use_parallel_residual", True)),
         tie_embeddings=raw.get("tie_word_embeddings", False),
-        bos_token_id=_first_id(raw.get("bos_token_id", 0)),
-        eos_token_id=_first_id(raw.get("eos_token_id", 2)),
-        pad_token_id=_first_id(raw.get("pad_token_id")),
+        **_token_ids(raw, bos=0, eos=2),
         **common,
     )

@@ -140,8 +140,7 @@ def _gpt_neox_specs(cfg: ModelConfig) -> list[Spec]:
         _linear(("layers", "mlp", "w_down"), pre + "mlp.dense_4h_to_h.weight"),
         _same(("layers", "mlp", "b_down"), pre + "mlp.dense_4h_to_h.bias"),
     ]
-    for hf, ours in _PRE_NORMS.items():
-        specs += [_same(("layers", ours, "scale"), pre + hf + ".weight"), _same(("layers", ours, "bias"), pre + hf + ".bias")]
+    specs += _layer_norms({pre + hf: ours for hf, ours in _PRE_NORMS.items()})
     if cfg.qkv_bias:
         specs.append(_fused_qkv(tuple(attn + (n,) for n in ("bq", "bk", "bv")), pre + "attention.query_key_value.bias",
                                 h, e, None))
@@ -150,6 +149,12 @@ def _gpt_neox_specs(cfg: ModelConfig) -> list[Spec]:
     if not cfg.tie_embeddings:
         specs.append(_linear(("unembed", "w"), "embed_out.weight"))
     return specs
+
+
+def _layer_norms(names: dict[str, str]) -> list[Spec]:
+    """LayerNorm weight and bias of each HF per-layer norm -> ours (scale, bias)."""
+    return [_same(("layers", ours, ours_leaf), hf + "." + hf_leaf) for hf, ours in names.items()
+            for ours_leaf, hf_leaf in (("scale", "weight"), ("bias", "bias"))]
 
 
 def _gpt2_specs(cfg: ModelConfig) -> list[Spec]:
@@ -176,9 +181,7 @@ def _gpt2_specs(cfg: ModelConfig) -> list[Spec]:
         _same(("layers", "mlp", "w_down"), pre + "mlp.c_proj.weight"),
         _same(("layers", "mlp", "b_down"), pre + "mlp.c_proj.bias"),
     ]
-    for ours, hf in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-        specs += [_same(("layers", ours, "scale"), pre + hf + ".weight"),
-                  _same(("layers", ours, "bias"), pre + hf + ".bias")]
+    specs += _layer_norms({pre + "ln_1": "attn_norm", pre + "ln_2": "mlp_norm"})
     if not cfg.tie_embeddings:
         specs.append(_linear(("unembed", "w"), "lm_head.weight"))
     return specs

