@@ -12,6 +12,9 @@ VOCAB = 96
 def _configs() -> dict:
     rotary = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    neox = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+                max_position_embeddings=64, rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                bos_token_id=1, eos_token_id=2, hidden_act="gelu")
     return {
         "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=3, n_head=4,
                                         bos_token_id=1, eos_token_id=2),
@@ -31,6 +34,14 @@ def _configs() -> dict:
             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                              "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}),
+        # each config exercises its family's quirk; `tests/test_families.py` checks that it does
+        "qwen2": transformers.Qwen2Config(**rotary, num_attention_heads=4, num_key_value_heads=2,
+                                          tie_word_embeddings=True),
+        "qwen3": transformers.Qwen3Config(**rotary, num_attention_heads=4, num_key_value_heads=2, head_dim=12),
+        "mistral": transformers.MistralConfig(**rotary, num_attention_heads=4, num_key_value_heads=2, sliding_window=4),
+        "gpt_neox": transformers.GPTNeoXConfig(**neox, use_parallel_residual=True),
+        "gpt_neox_sequential": transformers.GPTNeoXConfig(**neox, use_parallel_residual=False),
+        "olmo2": transformers.Olmo2Config(**rotary, num_attention_heads=4, num_key_value_heads=2),
     }
 
 

@@ -3,9 +3,10 @@
 Axes: B batch, T positions, D d_model, L layers, H query heads, K kv heads (H = K*G),
 E head_dim, F d_mlp, V vocab, P logit positions.
 
-Every family (GPT-2, Llama, Gemma, Gemma-2, Gemma-3) is this one function with different
-`ModelConfig` fields; per-layer variation (local vs global attention, per-layer RoPE base) is
-data scanned with the layer weights, so compile time does not grow with depth.
+Every family (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3, OLMo-2, Gemma, Gemma-2, Gemma-3) is
+this one function with different `ModelConfig` fields; per-layer variation (local vs global
+attention, per-layer RoPE base) is data scanned with the layer weights, so compile time does not
+grow with depth.
 """
 
 from __future__ import annotations
@@ -96,12 +97,16 @@ def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def _rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate [B,T,N,E] by positions [B,T] (HF's rotate-half layout)."""
-    freqs = positions[..., None].astype(_wide(x.dtype)) * inv_freq  # [B,T,E/2]
+    """Rotate [B,T,N,E] by positions [B,T] (HF's rotate-half layout).
+
+    inv_freq [R/2]: only the first R features turn (GPT-NeoX's partial rotary), the rest pass.
+    """
+    freqs = positions[..., None].astype(_wide(x.dtype)) * inv_freq  # [B,T,R/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-    first, second = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-second, first], axis=-1) * sin
+    turned, passed = x[..., :angles.shape[-1]], x[..., angles.shape[-1]:]
+    first, second = jnp.split(turned, 2, axis=-1)
+    return jnp.concatenate([turned * cos + jnp.concatenate([-second, first], axis=-1) * sin, passed], axis=-1)
 
 
 class Sites:
@@ -140,20 +145,31 @@ def _qkv(cfg: ModelConfig, p: dict, x: jax.Array, positions: jax.Array, inv_freq
     q = _side(p, "wq", x, jnp.einsum("btd,dhe->bthe", x, p["wq"]))
     k = _side(p, "wk", x, jnp.einsum("btd,dke->btke", x, p["wk"]))
     v = _side(p, "wv", x, jnp.einsum("btd,dke->btke", x, p["wv"]))
-    if cfg.attn_bias:
+    if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q, k, v = site("attn_q", q), site("attn_k", k), site("attn_v", v)
     if cfg.qk_norm:
-        q = _norm(cfg, {"scale": p["q_norm"]}, q)
-        k = _norm(cfg, {"scale": p["k_norm"]}, k)
+        q, k = _qk_norm(cfg, p["q_norm"], q), _qk_norm(cfg, p["k_norm"], k)
     if cfg.uses_rope:
         q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
     return q, k, v
 
 
+def _qk_norm(cfg: ModelConfig, scale: jax.Array, x: jax.Array) -> jax.Array:
+    """RMSNorm of queries or keys [B,T,N,E]: over each head's E (scale [E]) or over all N*E (scale [N,E])."""
+    if cfg.qk_norm == "per_head":
+        return _norm(cfg, {"scale": scale}, x)
+    return _norm(cfg, {"scale": scale.reshape(-1)}, x.reshape(x.shape[:2] + (-1,))).reshape(x.shape)
+
+
+def _pre_norm(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
+    """The norm in front of attention or the MLP; the residual itself where there is none (OLMo-2)."""
+    return _norm(cfg, p, x) if cfg.pre_norms else x
+
+
 def keys_values(cfg: ModelConfig, lp: dict, x: jax.Array, positions: jax.Array, inv_freq) -> KeysValues:
     """One layer's keys and values [B,T,K,E] of residual x [B,T,D] (`resid_pre`), unedited."""
-    _, k, v = _qkv(cfg, lp["attn"], _norm(cfg, lp["attn_norm"], x), positions, inv_freq, Sites({}, ()))
+    _, k, v = _qkv(cfg, lp["attn"], _pre_norm(cfg, lp.get("attn_norm"), x), positions, inv_freq, Sites({}, ()))
     return KeysValues(k, v)
 
 
@@ -214,19 +230,22 @@ def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_l
 
     prefix, at: this layer's keys and values of other positions (see `attention`). rows: [B,Q] the
     only rows whose output is wanted: the layer returns [B,Q,D] (sites after attention see Q rows).
+    With a parallel residual (GPT-NeoX) the MLP reads resid_pre; resid_mid = resid_pre + attn_out is
+    still the partial sum that resid_post = resid_mid + mlp_out adds to.
     """
     x = site("resid_pre", x)
-    h = site("attn_in", _norm(cfg, lp["attn_norm"], x))
+    h = site("attn_in", _pre_norm(cfg, lp.get("attn_norm"), x))
     z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site, prefix, rows, at)
     if rows is not None:
         x = jnp.take_along_axis(x, rows[..., None], axis=1)
     attn_out = _side(lp["attn"], "wo", z, jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"]))
-    if cfg.attn_bias:
+    if cfg.out_bias:
         attn_out = attn_out + lp["attn"]["bo"]
     if cfg.post_norms:
         attn_out = _norm(cfg, lp["attn_post_norm"], attn_out)
+    resid_pre = x
     x = site("resid_mid", x + site("attn_out", attn_out))
-    h = site("mlp_in", _norm(cfg, lp["mlp_norm"], x))
+    h = site("mlp_in", _pre_norm(cfg, lp.get("mlp_norm"), resid_pre if cfg.parallel_residual else x))
     mlp_out = _mlp(cfg, lp["mlp"], h, site)
     if cfg.post_norms:
         mlp_out = _norm(cfg, lp["mlp_post_norm"], mlp_out)

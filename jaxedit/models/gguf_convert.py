@@ -1,8 +1,9 @@
-"""Convert a llama.cpp GGUF file (Llama or Gemma-3 text) into a Hugging Face model directory.
+"""Convert a llama.cpp GGUF file (Llama, Qwen2 or Gemma-3 text) into a Hugging Face model directory.
 
 The result (`config.json`, float32 `model.safetensors`, tokenizer files) is what
 `transformers` builds itself from the GGUF with `GgufConfig(dequantize=True)`: the same
-dequantized tensors bit for bit, under the `LlamaForCausalLM` / `Gemma3ForCausalLM` names.
+dequantized tensors bit for bit, under the `LlamaForCausalLM` / `Qwen2ForCausalLM` /
+`Gemma3ForCausalLM` names.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from safetensors.numpy import save_file
 from jaxedit.errors import JaxeditError
 from jaxedit.io import say, staged
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "qwen2")
 CONVERTER_VERSION = 2  # part of the cache key: bump when the output of a conversion changes
 
 _LAYER_NAMES = {  # GGUF `blk.{i}.<part>` -> HF `model.layers.{i}.<name>`
@@ -34,6 +35,7 @@ _LAYER_NAMES = {  # GGUF `blk.{i}.<part>` -> HF `model.layers.{i}.<name>`
 }
 _ARCH_LAYER_NAMES = {
     "llama": {**_LAYER_NAMES, "ffn_norm": "post_attention_layernorm"},
+    "qwen2": {**_LAYER_NAMES, "ffn_norm": "post_attention_layernorm"},  # and attn_{q,k,v}.bias
     "gemma3": {
         **_LAYER_NAMES,
         "attn_q_norm": "self_attn.q_norm",
@@ -52,7 +54,7 @@ _TOKEN_IDS = {  # HF config key -> GGUF `tokenizer.ggml.<key>`
 }
 _GEMMA3_SLIDING_PATTERN = 6  # every 6th layer is global; llama.cpp hard-codes this for gemma3 too
 # What AutoTokenizer picks for the HF model type (`llama` is not in its table, so it falls back to the backend)
-_TOKENIZER_CLASSES = {"llama": "TokenizersBackend", "gemma3": "GemmaTokenizer"}
+_TOKENIZER_CLASSES = {"llama": "TokenizersBackend", "qwen2": "Qwen2Tokenizer", "gemma3": "GemmaTokenizer"}
 
 
 def convert_gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -133,7 +135,7 @@ def hf_config(meta: dict, reader: gguf.GGUFReader) -> dict:
     }
     ids = {hf: meta.get(f"tokenizer.ggml.{key}") for hf, key in _TOKEN_IDS.items()}
     common |= {hf: token_id for hf, token_id in ids.items() if token_id is not None}
-    return _llama_config(meta, common) if arch == "llama" else _gemma3_config(meta, common)
+    return {"llama": _llama_config, "qwen2": _qwen2_config, "gemma3": _gemma3_config}[arch](meta, common)
 
 
 def _llama_config(meta: dict, common: dict) -> dict:
@@ -146,6 +148,17 @@ def _llama_config(meta: dict, common: dict) -> dict:
         "hidden_act": "silu",
         "mlp_bias": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": meta.get("llama.rope.freq_base", 10000.0)},
+    }
+
+
+def _qwen2_config(meta: dict, common: dict) -> dict:
+    """Qwen2 config: Qwen2Config has no attention_bias (q, k, v always carry one) and no head_dim."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        **{k: v for k, v in common.items() if k != "attention_bias"},
+        "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "default", "rope_theta": meta.get("qwen2.rope.freq_base", 10000.0)},
     }
 
 

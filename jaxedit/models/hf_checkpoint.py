@@ -62,6 +62,17 @@ def _reshaped(path: Path_, hf: str, shape: tuple[int, ...], hf_shape: tuple[int,
     return Spec(hf, (path,), lambda a: (a.reshape(shape),), lambda a: a.reshape(hf_shape))
 
 
+# HF per-layer norm name -> ours, by family (those not listed: Llama's pre-norms)
+_PRE_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
+_SANDWICH_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "attn_post_norm",
+                   "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "mlp_post_norm"}
+_LAYER_NORMS = {
+    "gemma2": _SANDWICH_NORMS,
+    "gemma3": _SANDWICH_NORMS,
+    "olmo2": {"post_attention_layernorm": "attn_post_norm", "post_feedforward_layernorm": "mlp_post_norm"},
+}
+
+
 def _rotary_specs(cfg: ModelConfig) -> list[Spec]:
     h, k, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     pre = "model.layers.{i}."
@@ -69,7 +80,6 @@ def _rotary_specs(cfg: ModelConfig) -> list[Spec]:
     specs = [
         _same(("embed", "tokens"), "model.embed_tokens.weight"),
         _same(("final_norm", "scale"), "model.norm.weight"),
-        _same(("layers", "attn_norm", "scale"), pre + "input_layernorm.weight"),
         _linear(attn + ("wq",), pre + "self_attn.q_proj.weight", (h, e)),
         _linear(attn + ("wk",), pre + "self_attn.k_proj.weight", (k, e)),
         _linear(attn + ("wv",), pre + "self_attn.v_proj.weight", (k, e)),
@@ -78,27 +88,73 @@ def _rotary_specs(cfg: ModelConfig) -> list[Spec]:
         _linear(("layers", "mlp", "w_up"), pre + "mlp.up_proj.weight"),
         _linear(("layers", "mlp", "w_down"), pre + "mlp.down_proj.weight"),
     ]
-    if cfg.post_norms:
-        specs += [
-            _same(("layers", "attn_post_norm", "scale"), pre + "post_attention_layernorm.weight"),
-            _same(("layers", "mlp_norm", "scale"), pre + "pre_feedforward_layernorm.weight"),
-            _same(("layers", "mlp_post_norm", "scale"), pre + "post_feedforward_layernorm.weight"),
-        ]
-    else:
-        specs.append(_same(("layers", "mlp_norm", "scale"), pre + "post_attention_layernorm.weight"))
-    if cfg.qk_norm:
+    norms = _LAYER_NORMS.get(cfg.family, _PRE_NORMS)
+    specs += [_same(("layers", ours, "scale"), pre + hf + ".weight") for hf, ours in norms.items()]
+    if cfg.qk_norm == "per_head":
         specs += [_same(attn + ("q_norm",), pre + "self_attn.q_norm.weight"),
                   _same(attn + ("k_norm",), pre + "self_attn.k_norm.weight")]
-    if cfg.attn_bias:
+    if cfg.qk_norm == "whole":
+        specs += [_reshaped(attn + ("q_norm",), pre + "self_attn.q_norm.weight", (h, e)),
+                  _reshaped(attn + ("k_norm",), pre + "self_attn.k_norm.weight", (k, e))]
+    if cfg.qkv_bias:
         specs += [_reshaped(attn + ("bq",), pre + "self_attn.q_proj.bias", (h, e)),
                   _reshaped(attn + ("bk",), pre + "self_attn.k_proj.bias", (k, e)),
-                  _reshaped(attn + ("bv",), pre + "self_attn.v_proj.bias", (k, e)),
-                  _same(attn + ("bo",), pre + "self_attn.o_proj.bias")]
+                  _reshaped(attn + ("bv",), pre + "self_attn.v_proj.bias", (k, e))]
+    if cfg.out_bias:
+        specs.append(_same(attn + ("bo",), pre + "self_attn.o_proj.bias"))
     if cfg.mlp_bias:
         specs += [_same(("layers", "mlp", "b_" + n), pre + f"mlp.{n}_proj.bias") for n in ("gate", "up", "down")]
     if not cfg.tie_embeddings:
         specs.append(_linear(("unembed", "w"), "lm_head.weight"))
     return specs
+
+
+def _fused_qkv(paths: tuple[Path_, ...], hf: str, heads: int, head_dim: int, d_model: int | None) -> Spec:
+    """GPT-NeoX's `query_key_value` weight [H*3*E, D] (bias [H*3*E]: d_model None), per head q, k, v
+    <-> ours wq, wk, wv [D,H,E] (bq, bk, bv [H,E])."""
+    if d_model is None:
+        return Spec(hf, paths, lambda b: tuple(b.reshape(heads, 3, head_dim).transpose(1, 0, 2)),
+                    lambda *bs: np.stack(bs, axis=1).reshape(-1))
+
+    def to_ours(w):
+        return tuple(w.reshape(heads, 3, head_dim, d_model).transpose(1, 3, 0, 2))
+
+    def to_hf(*ws):
+        return np.stack([w.transpose(1, 2, 0) for w in ws], axis=1).reshape(-1, d_model)
+
+    return Spec(hf, paths, to_ours, to_hf)
+
+
+def _gpt_neox_specs(cfg: ModelConfig) -> list[Spec]:
+    h, e, d = cfg.n_heads, cfg.head_dim, cfg.d_model
+    pre = "gpt_neox.layers.{i}."
+    attn = ("layers", "attn")
+    specs = [
+        _same(("embed", "tokens"), "gpt_neox.embed_in.weight"),
+        _same(("final_norm", "scale"), "gpt_neox.final_layer_norm.weight"),
+        _same(("final_norm", "bias"), "gpt_neox.final_layer_norm.bias"),
+        _fused_qkv(tuple(attn + (n,) for n in ("wq", "wk", "wv")), pre + "attention.query_key_value.weight", h, e, d),
+        _linear_heads_in(attn + ("wo",), pre + "attention.dense.weight", h, e),
+        _linear(("layers", "mlp", "w_up"), pre + "mlp.dense_h_to_4h.weight"),
+        _same(("layers", "mlp", "b_up"), pre + "mlp.dense_h_to_4h.bias"),
+        _linear(("layers", "mlp", "w_down"), pre + "mlp.dense_4h_to_h.weight"),
+        _same(("layers", "mlp", "b_down"), pre + "mlp.dense_4h_to_h.bias"),
+    ]
+    specs += _layer_norms({pre + hf: ours for hf, ours in _PRE_NORMS.items()})
+    if cfg.qkv_bias:
+        specs.append(_fused_qkv(tuple(attn + (n,) for n in ("bq", "bk", "bv")), pre + "attention.query_key_value.bias",
+                                h, e, None))
+    if cfg.out_bias:
+        specs.append(_same(attn + ("bo",), pre + "attention.dense.bias"))
+    if not cfg.tie_embeddings:
+        specs.append(_linear(("unembed", "w"), "embed_out.weight"))
+    return specs
+
+
+def _layer_norms(names: dict[str, str]) -> list[Spec]:
+    """LayerNorm weight and bias of each HF per-layer norm -> ours (scale, bias)."""
+    return [_same(("layers", ours, ours_leaf), hf + "." + hf_leaf) for hf, ours in names.items()
+            for ours_leaf, hf_leaf in (("scale", "weight"), ("bias", "bias"))]
 
 
 def _gpt2_specs(cfg: ModelConfig) -> list[Spec]:
@@ -125,16 +181,15 @@ def _gpt2_specs(cfg: ModelConfig) -> list[Spec]:
         _same(("layers", "mlp", "w_down"), pre + "mlp.c_proj.weight"),
         _same(("layers", "mlp", "b_down"), pre + "mlp.c_proj.bias"),
     ]
-    for ours, hf in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-        specs += [_same(("layers", ours, "scale"), pre + hf + ".weight"),
-                  _same(("layers", ours, "bias"), pre + hf + ".bias")]
+    specs += _layer_norms({pre + "ln_1": "attn_norm", pre + "ln_2": "mlp_norm"})
     if not cfg.tie_embeddings:
         specs.append(_linear(("unembed", "w"), "lm_head.weight"))
     return specs
 
 
 def name_table(cfg: ModelConfig) -> list[Spec]:
-    return _gpt2_specs(cfg) if cfg.family == "gpt2" else _rotary_specs(cfg)
+    """The family's HF tensor names."""
+    return {"gpt2": _gpt2_specs, "gpt_neox": _gpt_neox_specs}.get(cfg.family, _rotary_specs)(cfg)
 
 
 class SafetensorsReader:

