@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 import jaxedit
-from _sharding_worker import GEMMA2_9B, prompts, run_data_parallel, run_train, train_batch, train_setup
+from _sharding_worker import GEMMA2_9B, hand_made_parts, prompts, run_data_parallel, run_train, train_batch, train_setup
 from jaxedit.edit import losses
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import activation_patching as ap
@@ -314,3 +314,12 @@ def test_two_processes_equal_one(two_processes, tiny_dirs):
         np.testing.assert_allclose(res["logits"], logits, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(res["sweep"], sweep.per_example, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(res["clean"], sweep.clean, rtol=1e-5, atol=1e-5)
+
+
+def test_two_processes_gather_hand_made_parts(two_processes):
+    """gather_slices joins each process's unequal part (3 + 2 units) in process order; gather brings an array
+    whose rows live on the other process's devices to every host whole."""
+    for res in two_processes:
+        np.testing.assert_array_equal(res["gathered_slices"], hand_made_parts().T)
+        assert not res["spread_is_local"]
+        np.testing.assert_array_equal(res["gathered_array"], np.arange(24).reshape(8, 3))
