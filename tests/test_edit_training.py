@@ -327,6 +327,15 @@ def test_cosine_schedule_is_torch_cosine_annealing():
         cosine_schedule(1e-3, 5, warmup=5)
 
 
+def test_warmup_is_linear_then_cosine_and_takes_a_traced_lr():
+    """warmup 4 of 20 steps: lr·t/4, then lr·(1 + cos(π (t − 4) / 16)) / 2, by hand; the lr may be a jitted
+    step's data (`train.warmup` once failed there)."""
+    t = np.arange(21)
+    want = np.where(t < 4, 3e-4 * t / 4, 3e-4 * (1 + np.cos(np.pi * (t - 4) / 16)) / 2)
+    got = jax.jit(lambda lr: jax.vmap(cosine_schedule(lr, 20, warmup=4))(jnp.asarray(t)))(jnp.float32(3e-4))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+
+
 def test_accumulation_equals_one_step_on_the_joint_batch(model, batch):
     mask = _mixed_mask()
     half = lambda sl: {"forget": {k: v[sl] for k, v in batch["forget"].items()}}  # noqa: E731
