@@ -5,7 +5,6 @@ parameter counts are checked against counts by hand (from the config) and agains
 """
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
