@@ -81,6 +81,11 @@ def run_train(params, cfg, batch, mesh=None):
     return trainable, np.array(losses), mu_shard
 
 
+def hand_made_parts():
+    """[5,2] units for the gathering check: unit i is (10·i, 10·i + 1)."""
+    return np.stack([10 * np.arange(5), 10 * np.arange(5) + 1], axis=1)
+
+
 def data_parallel_inputs():
     """The data-parallel check's inputs: a train batch, text windows [8,7] and patching prompts of 8 rows."""
     tokens, mask, corrupt, answer, others = prompts()
@@ -185,10 +190,12 @@ def processes(out: Path, llama_dir):
 
     assert initialize_distributed()
     import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     import jaxedit
     from jaxedit.localize.metrics import logit_diff
-    from jaxedit.sharding import MeshSpec, make_mesh, param_shardings, process_path, process_slice, shard_params
+    from jaxedit.sharding import (MeshSpec, gather, gather_slices, make_mesh, param_shardings, process_path,
+                                  process_slice, shard_params)
     import _sharded_compute as compute
 
     model = jaxedit.load(llama_dir)
@@ -200,7 +207,14 @@ def processes(out: Path, llama_dir):
     sweep = compute.patching_sweep(model.params, model.cfg, tokens[:b], corrupt[:b], mask[:b], spec=MeshSpec(fsdp=-1),
                                    metric=logit_diff, metric_args=(answer[:b], others[:b]), site="resid_pre")
     rows = process_slice(b)
+    hand = hand_made_parts()
+    part = process_slice(len(hand))  # 3 + 2 units: unequal parts
+    sliced = gather_slices(hand[part.start:part.stop].T, len(hand), axis=1)  # units on axis 1
+    grid = np.arange(24).reshape(8, 3)  # rows 4i..4i+3 on process i, spread over the 2 × 2 devices
+    local = grid[4 * jax.process_index():4 * jax.process_index() + 4]
+    spread = jax.make_array_from_process_local_data(NamedSharding(make_mesh(MeshSpec(data=-1)), P("data")), local)
     np.savez(process_path(out / "result.npz"), logits=logits, sweep=sweep.per_example, clean=sweep.clean,
+             gathered_slices=sliced, gathered_array=gather(spread), spread_is_local=spread.is_fully_addressable,
              rows=np.arange(rows.start, rows.stop), devices=np.array([jax.device_count(), jax.local_device_count()]),
              wq_spans_processes=not wq.is_fully_addressable, wq_local_shards=len(wq.addressable_shards))
 

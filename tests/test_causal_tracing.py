@@ -1,18 +1,17 @@
-"""Causal tracing: reproducible noise, full restores recover the clean run, sweeps equal loops of forwards."""
+"""Causal tracing: reproducible noise, full restores recover the clean run, sweeps equal transformers with torch hooks."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import jaxedit
-from jaxedit import SiteEdit
 from jaxedit.errors import JaxeditError
-from jaxedit.interventions import one_layer_edit
-from jaxedit.localize import corruptions, metrics
+from jaxedit.localize import corruptions
 from jaxedit.localize.causal_tracing import trace_components, trace_grid, trace_restore
 from jaxedit.models import core
-from tiny_models import padded_batch, save_hf_model
+from tiny_models import hf_forward, make_hf_model, padded_batch, save_hf_model
 
 SAMPLES = 3
 KEY = 2  # a key whose noise moves every prompt's answer probability by > 0.05
@@ -39,23 +38,69 @@ def _kwargs(data, **extra):
                 samples=SAMPLES, **extra)
 
 
-def reference_nie(model, data, key, scale, restores):
-    """NIE per example [len(restores), B] from a Python loop of single restored forwards.
+def hf_nie(data, noise, restores) -> np.ndarray:
+    """NIE per example [len(restores), B] of the same random Gemma-3 in transformers, with torch hooks.
 
-    restores: list of {site: SiteEdit mask/value} edits (built with one_layer_edit or by hand).
+    noise [S,B,T,D]: added to the (scaled) embeddings of every noised run; restores: each a list of
+    (site, layer, position or None for all, head or None) whose clean values are written back: 'attn_z' is
+    o_proj's input (one head's slice), 'mlp_out' the output of the MLP's post-norm, 'resid_pre' the layer's input.
     """
+    hf = make_hf_model("gemma3")  # the weights `setup` saved (same seed)
     tokens, mask, subject, answer, candidates = data
-    last = core.last_positions(jnp.asarray(mask))
-    noise = corruptions.subject_noise(key, jnp.asarray(subject), model.cfg.d_model, scale, SAMPLES)
+    blocks = hf.model.layers
+    e = hf.config.head_dim
 
-    def prob(edits):
-        logits, _ = model.forward(tokens, attention_mask=mask, logit_positions=last, edits=edits)
-        return np.asarray(metrics.answer_prob(logits[:, 0], jnp.asarray(answer), jnp.asarray(candidates)))
+    def modules(site, layer):
+        return {"attn_z": blocks[layer].self_attn.o_proj, "mlp_out": blocks[layer].post_feedforward_layernorm,
+                "resid_pre": blocks[layer]}[site]
+
+    clean = {}
+    handles = [modules(site, layer).register_forward_pre_hook(
+        lambda mod, args, key=(site, layer): clean.__setitem__(key, args[0].clone()))
+        for site in ("attn_z", "resid_pre") for layer in range(len(blocks))]
+    handles += [modules("mlp_out", layer).register_forward_hook(
+        lambda mod, args, out, key=("mlp_out", layer): clean.__setitem__(key, out.clone()))
+        for layer in range(len(blocks))]
+    hf_forward(hf, tokens, mask)
+    for h in handles:
+        h.remove()
+
+    def written(x, site, layer, position, head):
+        x = x.clone()
+        where = (slice(None), slice(None) if position is None else position,
+                 slice(None) if head is None else slice(head * e, (head + 1) * e))
+        x[where] = clean[site, layer].repeat(len(x) // len(tokens), 1, 1)[where]  # one copy per noise sample
+        return x
+
+    def prob(delta, restore):
+        """[B] answer probability; delta [S,B,T,D]: the mean over S noised runs (stacked into one batch)."""
+        handles, ids, real = [], tokens, mask
+        if delta is not None:
+            ids, real = np.tile(tokens, (len(delta), 1)), np.tile(mask, (len(delta), 1))
+            handles.append(hf.model.embed_tokens.register_forward_hook(
+                lambda mod, args, out: out + delta.reshape(out.shape)))
+        for site, layer, position, head in restore:
+            spec = (site, layer, position, head)
+            if site == "mlp_out":
+                handles.append(modules(site, layer).register_forward_hook(
+                    lambda mod, args, out, spec=spec: written(out, *spec)))
+            else:
+                handles.append(modules(site, layer).register_forward_pre_hook(
+                    lambda mod, args, spec=spec: (written(args[0], *spec),) + args[1:]))
+        logits = hf_forward(hf, ids, real).logits[:, -1].double().numpy()
+        for h in handles:
+            h.remove()
+        rows = np.arange(len(logits))
+        ans, cand = np.tile(answer, len(logits) // len(answer)), np.tile(candidates, (len(logits) // len(answer), 1))
+        restricted = logits[rows[:, None], cand]
+        top = restricted.max(1, keepdims=True)
+        p = np.exp(logits[rows, ans] - top[:, 0]) / np.exp(restricted - top).sum(1)
+        return p.reshape(-1, len(answer)).mean(0)
 
     def noised_prob(restore):
-        return np.mean([prob({"embed": SiteEdit(delta=noise[s]), **restore}) for s in range(SAMPLES)], axis=0)
+        return prob(torch.as_tensor(np.asarray(noise)), restore)
 
-    p_clean, p_corrupt = prob({}), noised_prob({})
+    p_clean, p_corrupt = prob(None, []), noised_prob([])
     assert np.abs(p_clean - p_corrupt).min() > 0.03  # the noise matters for every prompt
     return np.stack([(noised_prob(r) - p_corrupt) / (p_clean - p_corrupt) for r in restores])
 
@@ -90,32 +135,31 @@ def test_restoring_every_site_recovers_the_clean_metric(setup):
     assert np.abs(result.p_clean - result.p_corrupt).min() > 0.05
 
 
-def test_component_sweep_equals_loop_of_one_layer_edits(setup):
+def test_component_sweep_equals_transformers_with_restoring_hooks(setup):
     model, data = setup
     cfg = model.cfg
     key = jax.random.key(KEY)
     result = trace_components(model.params, cfg, key=key, **_kwargs(data))
-    tokens, mask = data[0], data[1]
-    _, clean = model.forward(tokens, attention_mask=mask, capture=("attn_z", "mlp_out"))
+    table = np.asarray(model.params["embed"]["tokens"], np.float64) * cfg.embed_scale  # ROME's: 3·std, one number
+    tokens, subject = data[0], data[2]
+    np.testing.assert_allclose(result.noise_scale, 3 * table[tokens[subject]].std(), rtol=1e-5)
+    noise = corruptions.subject_noise(key, jnp.asarray(subject), cfg.d_model, result.noise_scale, SAMPLES)
     restores = []
     for layer in range(cfg.n_layers):
-        for head in range(cfg.n_heads):
-            head_mask = (np.arange(cfg.n_heads) == head)[None, None, :, None]
-            restores.append(one_layer_edit("attn_z", layer, cfg.n_layers, head_mask, clean["attn_z"][layer]))
-        everywhere = np.ones((1, 1, 1), bool)
-        restores.append(one_layer_edit("mlp_out", layer, cfg.n_layers, everywhere, clean["mlp_out"][layer]))
-    ref = reference_nie(model, data, key, result.noise_scale, restores).reshape(cfg.n_layers, cfg.n_heads + 1, -1)
-    assert np.abs(result.per_example["attn_z"] - ref[:, :-1]).max() <= 1e-5
-    assert np.abs(result.per_example["mlp_out"] - ref[:, -1]).max() <= 1e-5
-    np.testing.assert_allclose(result.nie["mlp_out"], ref[:, -1].mean(-1), atol=1e-5)
+        restores += [[("attn_z", layer, None, head)] for head in range(cfg.n_heads)]
+        restores.append([("mlp_out", layer, None, None)])
+    ref = hf_nie(data, noise, restores).reshape(cfg.n_layers, cfg.n_heads + 1, -1)
+    assert np.abs(result.per_example["attn_z"] - ref[:, :-1]).max() <= 1e-4
+    assert np.abs(result.per_example["mlp_out"] - ref[:, -1]).max() <= 1e-4
+    np.testing.assert_allclose(result.nie["mlp_out"], ref[:, -1].mean(-1), atol=1e-4)
     assert np.abs(ref).max() > 0.05  # some component matters
 
 
 @pytest.mark.parametrize("site, window, chunk", [("resid_pre", 1, None), ("mlp_out", 3, 4)])
-def test_grid_equals_loop_of_windowed_restores(setup, site, window, chunk):
+def test_grid_equals_transformers_with_windowed_restoring_hooks(setup, site, window, chunk):
     model, data = setup
     cfg = model.cfg
-    tokens, mask = data[0], data[1]
+    tokens = data[0]
     t = tokens.shape[1]
     key = jax.random.key(KEY)
     result = trace_grid(model.params, cfg, key=key, site=site, window=window, noise="paper", chunk=chunk,
@@ -123,21 +167,14 @@ def test_grid_equals_loop_of_windowed_restores(setup, site, window, chunk):
     table = np.asarray(model.params["embed"]["tokens"], np.float64) * cfg.embed_scale  # the paper's: per example
     scale = np.array([np.sqrt(3 * table[row[hit]].std()) for row, hit in zip(tokens, data[2])], np.float32)
     np.testing.assert_allclose(result.noise_scale, scale, rtol=1e-5)
-    _, clean = model.forward(tokens, attention_mask=mask, capture=(site,))
+    noise = corruptions.subject_noise(key, jnp.asarray(data[2]), cfg.d_model, scale, SAMPLES)
     restores = []
     for layer in range(cfg.n_layers):
-        for pos in range(t):
-            if window == 1:
-                where = (np.arange(t) == pos)[None, :, None]
-                restores.append(one_layer_edit(site, layer, cfg.n_layers, where, clean[site][layer]))
-            else:  # ROME's centred window of layers
-                lo, hi = max(0, layer - window // 2), min(cfg.n_layers, layer + (window + 1) // 2)
-                layers = (np.arange(cfg.n_layers) >= lo) & (np.arange(cfg.n_layers) < hi)
-                where = layers[:, None, None, None] & (np.arange(t) == pos)[None, None, :, None]
-                restores.append({site: SiteEdit(mask=where, value=clean[site])})
-    ref = reference_nie(model, data, key, scale, restores).reshape(cfg.n_layers, t, -1)
+        lo, hi = max(0, layer - window // 2), min(cfg.n_layers, layer + (window + 1) // 2)  # ROME's centred window
+        restores += [[(site, restored, pos, None) for restored in range(lo, hi)] for pos in range(t)]
+    ref = hf_nie(data, noise, restores).reshape(cfg.n_layers, t, -1)
     assert result.per_example[site].shape == (cfg.n_layers, t, len(tokens))
-    assert np.abs(result.per_example[site] - ref).max() <= 1e-5
+    assert np.abs(result.per_example[site] - ref).max() <= 1e-4
     assert np.abs(ref).max() > 0.05
 
 

@@ -327,6 +327,15 @@ def test_cosine_schedule_is_torch_cosine_annealing():
         cosine_schedule(1e-3, 5, warmup=5)
 
 
+def test_warmup_is_linear_then_cosine_and_takes_a_traced_lr():
+    """warmup 4 of 20 steps: lr·t/4, then lr·(1 + cos(π (t − 4) / 16)) / 2, by hand; the lr may be a jitted
+    step's data (`train.warmup` once failed there)."""
+    t = np.arange(21)
+    want = np.where(t < 4, 3e-4 * t / 4, 3e-4 * (1 + np.cos(np.pi * (t - 4) / 16)) / 2)
+    got = jax.jit(lambda lr: jax.vmap(cosine_schedule(lr, 20, warmup=4))(jnp.asarray(t)))(jnp.float32(3e-4))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+
+
 def test_accumulation_equals_one_step_on_the_joint_batch(model, batch):
     mask = _mixed_mask()
     half = lambda sl: {"forget": {k: v[sl] for k, v in batch["forget"].items()}}  # noqa: E731
@@ -389,7 +398,8 @@ def test_presets_and_errors(model):
 
 
 def test_training_resumes_from_its_orbax_checkpoint(model, batch, tmp_path):
-    """A run stopped after step 3 (checkpoint at step 2) and restarted equals an uninterrupted run."""
+    """A run stopped after step 3 (checkpoint at step 2) and restarted equals an uninterrupted run, and the
+    restart runs only steps 3-5: its batch source fails for the micro-batches the checkpoint already holds."""
     mask = _mixed_mask()
     hparams = TrainSettings(lr=1e-2, accumulate=1, steps=5, checkpoint_every=2)
     batches = lambda i: batch  # noqa: E731
@@ -405,5 +415,13 @@ def test_training_resumes_from_its_orbax_checkpoint(model, batch, tmp_path):
     with pytest.raises(Stop):
         train(model, mask, batches, hparams, progress=False, on_step=stop_at_3, checkpoint_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
-    resumed = train(model, mask, batches, hparams, progress=False, checkpoint_dir=tmp_path)
+
+    def after_the_checkpoint(i):
+        assert i >= 2, f"micro-batch {i} is in the step_2 checkpoint: the restart trained it again"
+        return batch
+
+    steps_run = []
+    resumed = train(model, mask, after_the_checkpoint, hparams, progress=False, checkpoint_dir=tmp_path,
+                    on_step=lambda step, _: steps_run.append(step))
+    assert steps_run == [2, 3, 4]  # optimizer steps 3, 4 and 5 (0-based)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, whole), jax.tree.map(np.asarray, resumed))

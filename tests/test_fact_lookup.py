@@ -120,22 +120,45 @@ def reference(setup):
     return _ld(clean_logits, answer, others), _ld(corrupt_logits, answer, others), as_np(clean_cache), as_np(corrupt_cache)
 
 
-def test_extraction_heads_equal_loop_of_frozen_head_forwards(setup, reference):
+def _extraction_loop(setup, reference) -> np.ndarray:
+    """Extraction-head scores [L,H] from a Python loop of forwards: every head frozen at its corrupted z (all
+    positions), except the sender, which takes its clean z."""
     model, clean, corrupt, mask, answer, others = setup
     cfg = model.cfg
     ld_clean, ld_corrupt, clean_cache, corrupt_cache = reference
-    assert abs(ld_clean.mean() - ld_corrupt.mean()) > 0.05
-    ours = extraction_head_scores(cfg, model.params, clean, corrupt, mask, answer, others)
     expected = np.zeros((cfg.n_layers, cfg.n_heads))
     for layer in range(cfg.n_layers):
         for head in range(cfg.n_heads):
-            # every head frozen at its corrupted z (all positions), except the sender, which takes its clean z
             value = corrupt_cache["attn_z"].copy()
             value[layer, :, :, head] = clean_cache["attn_z"][layer, :, :, head]
             edits = {"attn_z": SiteEdit(mask=jnp.ones((1,) * 5, bool), value=value)}
             logits, _ = model.forward(corrupt, attention_mask=mask, edits=edits)
             ld = _ld(logits, answer, others)
             expected[layer, head] = ((ld - ld_corrupt.mean()) / (ld_clean.mean() - ld_corrupt.mean())).mean()
+    return expected
+
+
+def _enrichment_loop(setup, reference, receiver: int) -> np.ndarray:
+    """Enrichment-MLP scores [L] from a Python loop: the receiver's input gets one MLP's clean − corrupt output."""
+    model, clean, corrupt, mask, answer, others = setup
+    cfg = model.cfg
+    ld_clean, ld_corrupt, clean_cache, corrupt_cache = reference
+    expected = np.zeros(cfg.n_layers)
+    for layer in range(receiver):
+        value = corrupt_cache["resid_pre"][receiver] + clean_cache["mlp_out"][layer] - corrupt_cache["mlp_out"][layer]
+        edits = one_layer_edit("resid_pre", receiver, cfg.n_layers, jnp.ones((1, 1, 1), bool), value)
+        logits, _ = model.forward(corrupt, attention_mask=mask, edits=edits)
+        ld = _ld(logits, answer, others)
+        expected[layer] = ((ld - ld_corrupt.mean()) / (ld_clean.mean() - ld_corrupt.mean())).mean()
+    return expected
+
+
+def test_extraction_heads_equal_loop_of_frozen_head_forwards(setup, reference):
+    model, clean, corrupt, mask, answer, others = setup
+    ld_clean, ld_corrupt, _, _ = reference
+    assert abs(ld_clean.mean() - ld_corrupt.mean()) > 0.05
+    ours = extraction_head_scores(model.cfg, model.params, clean, corrupt, mask, answer, others)
+    expected = _extraction_loop(setup, reference)
     np.testing.assert_allclose(ours.clean, ld_clean, atol=1e-5)
     np.testing.assert_allclose(ours.corrupt, ld_corrupt, atol=1e-5)
     np.testing.assert_allclose(ours.scores, expected, atol=1e-4)
@@ -159,17 +182,9 @@ def test_last_layer_path_patch_equals_activation_patch(setup, reference):
 
 def test_enrichment_mlps_equal_loop_of_receiver_edits(setup, reference):
     model, clean, corrupt, mask, answer, others = setup
-    cfg = model.cfg
-    ld_clean, ld_corrupt, clean_cache, corrupt_cache = reference
     receiver = 2
-    ours = enrichment_mlp_scores(cfg, model.params, clean, corrupt, mask, answer, others, receiver)
-    expected = np.zeros(cfg.n_layers)
-    for layer in range(receiver):
-        value = corrupt_cache["resid_pre"][receiver] + clean_cache["mlp_out"][layer] - corrupt_cache["mlp_out"][layer]
-        edits = one_layer_edit("resid_pre", receiver, cfg.n_layers, jnp.ones((1, 1, 1), bool), value)
-        logits, _ = model.forward(corrupt, attention_mask=mask, edits=edits)
-        ld = _ld(logits, answer, others)
-        expected[layer] = ((ld - ld_corrupt.mean()) / (ld_clean.mean() - ld_corrupt.mean())).mean()
+    ours = enrichment_mlp_scores(model.cfg, model.params, clean, corrupt, mask, answer, others, receiver)
+    expected = _enrichment_loop(setup, reference, receiver)
     np.testing.assert_allclose(ours.scores, expected, atol=1e-4)
     assert np.all(ours.per_example[receiver:] == 0)
     assert np.abs(expected[:receiver]).max() > 0.01
@@ -199,16 +214,21 @@ def test_paper_layer_lists():
         flu.paper_flu_layers("gemma-7b", "trivia")
 
 
-def test_locate_runs_the_pipeline(setup):
+def test_locate_runs_the_pipeline(setup, reference):
+    """locate = extraction heads, the given receiver, enrichment MLPs and the selection rule, each against the
+    Python loops above and the rule by hand."""
     model, clean, corrupt, mask, answer, others = setup
     with pytest.raises(jaxedit.JaxeditError, match="include layer 0"):  # 10 of the 12 tiny heads
         flu.locate(model.cfg, model.params, clean, corrupt, mask, answer, others)
     result = flu.locate(model.cfg, model.params, clean, corrupt, mask, answer, others, threshold=0.01, receiver=2)
-    direct = extraction_head_scores(model.cfg, model.params, clean, corrupt, mask, answer, others)
-    np.testing.assert_array_equal(result.extraction.scores, direct.scores)
+    np.testing.assert_allclose(result.extraction.scores, _extraction_loop(setup, reference), atol=1e-4)
     assert result.receiver == 2
-    np.testing.assert_allclose(result.attr, result.enrichment.scores - result.enrichment.scores[-1])
-    assert result.layers == tuple(int(i) for i in np.flatnonzero(np.abs(result.attr) > 0.01))
+    enrichment = _enrichment_loop(setup, reference, 2)
+    np.testing.assert_allclose(result.enrichment.scores, enrichment, atol=1e-4)
+    attr = enrichment - enrichment[-1]  # the selection rule (§3.2): relative to the last layer's score
+    np.testing.assert_allclose(result.attr, attr, atol=2e-4)
+    assert np.abs(np.abs(attr) - 0.01).min() > 1e-3  # no score at the threshold: the selection is well defined
+    assert result.layers == tuple(int(i) for i in np.flatnonzero(np.abs(attr) > 0.01))
     arrays = flu.score_arrays(result, model="tiny-gemma2")
     assert arrays["extraction_heads"].axes == ("layer", "head")
     assert arrays["enrichment_mlps"].meta["layers"] == list(result.layers)

@@ -139,11 +139,23 @@ def test_tokenizer_builds_without_torch(smollm2_dir, tmp_path):
     assert _tokenizer_files(tmp_path) == _tokenizer_files(smollm2_dir)
 
 
-def test_second_resolve_is_fast_and_gguf_path_shares_the_cache(case):
-    name, out_dir, _, _ = case
-    start = time.perf_counter()
+@pytest.mark.parametrize("name, fixture", [("gemma-3-270m", "gemma_dir"), ("smollm2-135m", "smollm2_dir")])
+def test_second_resolve_converts_parses_and_hashes_nothing_and_gguf_path_shares_the_cache(name, fixture, request,
+                                                                                          monkeypatch):
+    """Once converted (and the file's checksum indexed), resolving by name, by GGUF path or by directory is a
+    cache hit: no conversion, no GGUF parsing, no hashing of the file."""
+    out_dir = request.getfixturevalue(fixture)
+    registry.resolve(registry.gguf_file(name))  # the GGUF path's first resolve indexes its checksum
+
+    def forbidden(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"a cached resolve {what}")
+        return fail
+
+    monkeypatch.setattr(registry, "convert_gguf_to_hf_dir", forbidden("converted the GGUF again"))
+    monkeypatch.setattr(gguf, "GGUFReader", forbidden("parsed the GGUF"))
+    monkeypatch.setattr(registry.hashlib, "sha256", forbidden("hashed the GGUF"))
     assert registry.resolve(name) == out_dir
-    assert time.perf_counter() - start < 2.0
     assert registry.resolve(registry.gguf_file(name)) == out_dir
     assert registry.resolve(out_dir) == out_dir
 

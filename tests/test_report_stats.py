@@ -107,3 +107,32 @@ def test_report_has_the_paired_comparison(tmp_path):
     assert "manual_interp has lower maintain than random, worse" in summary
     assert "- probe ground truth (lower is better): no difference from localized_ap supported by 3 seeds" in summary
     assert "| mcq_forget† |" in summary and report.CHANCE_RULE in summary
+
+
+def test_grid_selection_picks_the_best_mean_score_per_model_and_localization(tmp_path):
+    """§4.4 on hand-made rows: per (model, localization), the grid point whose mean selection score over seeds is
+    highest; each grid point gets its own table, its cells the mean ± t-interval of that point's seeds only."""
+    scores = {  # (model, localization, train.lr): selection score per seed; the best means picked by hand below
+        ("m1", "manual_interp", 0.1): [2.0, 2.2], ("m1", "manual_interp", 0.3): [2.5, 1.9],  # 2.1 vs 2.2
+        ("m1", "random", 0.1): [1.0, 3.0], ("m1", "random", 0.3): [1.9, 2.0],  # 2.0 vs 1.95
+        ("m2", "manual_interp", 0.1): [0.5, 0.7], ("m2", "manual_interp", 0.3): [0.2, 0.3]}
+    store = RunStore(tmp_path / "run")
+    for (model, loc, lr), values in scores.items():
+        for seed, value in enumerate(values):
+            row = _row(seed, loc) | {"model": model, "train.lr": lr, "selection_score": value,
+                                     "forget": 0.1 * seed + lr}
+            store.write_unit(f"{model}__s{seed}__lr{lr}__{loc}", row)
+    rows = store.rows()
+    table = report.selection(rows, ["train.lr"]).splitlines()
+    assert table[2:] == ["| m1 | manual_interp | train.lr=0.3 | 2.200 |", "| m1 | random | train.lr=0.1 | 2.000 |",
+                         "| m2 | manual_interp | train.lr=0.1 | 0.600 |"]
+    assert report.selection(rows, []) == ""
+    config = SweepConfig(name="grid", models=("m1", "m2"), seeds=(0, 1), localizations=("manual_interp", "random"),
+                         grid={"train.lr": [0.1, 0.3]})
+    summary = report.write_report(store, config).read_text()
+    assert "## Hyper-parameter selection (§4.4)" in summary and "| m1 | random | train.lr=0.1 | 2.000 |" in summary
+    for model, lr in (("m1", 0.1), ("m1", 0.3), ("m2", 0.3)):
+        section = summary.split(f"## {model} (train.lr={lr})")[1].split("\n## ")[0]
+        forget = [0.0 + lr, 0.1 + lr]  # the two seeds of this point only
+        mean, half = _hand_interval(forget)
+        assert f"| manual_interp | 1.0 | 2 | {mean:.3f} ± {half:.3f} |" in section

@@ -80,7 +80,8 @@ def cosine_schedule(lr: float, steps: int, warmup: int = 0) -> optax.Schedule:
         raise JaxeditError(f"cosine schedule needs steps > warmup ≥ 0, got steps={steps}, warmup={warmup}")
     if warmup == 0:
         return optax.cosine_decay_schedule(lr, steps)
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps)
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, steps)  # lr may be traced (a jitted step's data)
+    return lambda t: lr * unit(t)
 
 
 def masked_adamw(mask, lr_schedule, weight_decay: float = 0.0, clip_norm: float | None = 1.0,
