@@ -161,12 +161,12 @@ def test_second_resolve_converts_parses_and_hashes_nothing_and_gguf_path_shares_
 
 
 def test_known_models():
-    assert registry.known_models() == ["gemma-3-270m", "smollm2-135m"]
+    assert registry.known_models() == ["gemma-3-270m", "qwen2.5-coder-0.5b", "smollm2-135m"]
 
 
 def test_unknown_name_lists_known_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(JaxeditError, match="unknown model 'gpt-5'.*gemma-3-270m, smollm2-135m"):
+    with pytest.raises(JaxeditError, match="unknown model 'gpt-5'.*gemma-3-270m, qwen2.5-coder-0.5b, smollm2-135m"):
         registry.resolve("gpt-5")
     with pytest.raises(JaxeditError, match="unknown model 'gpt-5'"):
         registry.gguf_file("gpt-5")
