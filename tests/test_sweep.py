@@ -1,8 +1,9 @@
 """`python -m jaxedit.sweep` end to end on a tiny random Llama with a real tokenizer.
 
 The reference is an uninterrupted single-process run of the same config; a run killed with SIGKILL
-and restarted, a run on 8 CPU devices with sharded parameters and batches (data=2 × fsdp=2 ×
-tensor=2), and a run split over 2 processes through `jax.distributed` must give the same rows.
+and restarted (running only the training steps after its checkpoint), a run on 8 CPU devices with
+sharded parameters and batches (data=2 × fsdp=2 × tensor=2), and a run split over 2 processes
+through `jax.distributed`, both killed mid-training and restarted, must give the same rows.
 Bad inputs give one line and write nothing.
 
 Time goes to XLA compiles, so the runs share a persistent compilation cache (`conftest.sweep_env`): the
