@@ -1,10 +1,10 @@
-"""Files, provenance and progress lines: atomic writes, the checkout's git revision, one logger.
+"""Files, provenance and progress lines: atomic writes, the checkout's git revision and changes, one logger.
 
 `staged(target)` yields a temporary path beside `target` and renames it onto `target` only when
 the block succeeds (a file is fsynced first), so readers see the old `target` or the whole new one.
 `exclusive(target)` holds a lock beside `target` so concurrent processes build it one at a time.
 `say` prints a progress line `[HH:MM:SS] message` on stderr through the `jaxedit` logger;
-library notes go to the same logger at DEBUG (hidden unless its level is lowered).
+library notes go to the same logger at DEBUG (shown when the environment sets JAXEDIT_DEBUG=1).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -81,6 +82,24 @@ def git_revision() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+@functools.lru_cache(maxsize=1)
+def source_changes() -> str | None:
+    """Digest of the package's uncommitted changes (diffs to tracked files, untracked files); None when there
+    are none or outside a git checkout."""
+    package = Path(__file__).parent
+    try:
+        diff, untracked = (subprocess.run(["git", *args, "--", "."], cwd=package, capture_output=True, timeout=10)
+                           for args in (["diff", "HEAD"], ["ls-files", "-z", "--others", "--exclude-standard"]))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if diff.returncode or untracked.returncode or not (diff.stdout or untracked.stdout):
+        return None
+    digest = hashlib.sha256(diff.stdout)
+    for name in sorted(filter(None, untracked.stdout.split(b"\0"))):
+        digest.update(name + (package / os.fsdecode(name)).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 class _Stderr(logging.Handler):
     """Writes to the current `sys.stderr` (looked up per line, so redirections and pytest's capture see it)."""
 
@@ -89,7 +108,7 @@ class _Stderr(logging.Handler):
 
 
 logger = logging.getLogger("jaxedit")
-logger.setLevel(logging.INFO)
+logger.setLevel(logging.DEBUG if os.environ.get("JAXEDIT_DEBUG") else logging.INFO)
 logger.propagate = False
 _handler = _Stderr()
 _handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))

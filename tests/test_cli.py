@@ -57,3 +57,10 @@ def test_sweep_help_lists_every_config_key_with_its_default():
     assert len(keys) > 50 and set(keys) <= set(listed)
     assert listed["train.lr"] == "1.0e-05" and listed["relearn.eval_at"] == "[0, 10, 20]"
     assert listed["train.preset"] == "null" and listed["soft_prompt.enabled"] == "true"
+
+
+def test_sweep_unwritable_output_is_one_error_line(tiny_llama_dir):
+    result = _run("jaxedit.sweep", f"models=[{tiny_llama_dir}]", "localizations=[random]", "train.preset=null",
+                  "output=/proc/none/x")
+    line = _one_error_line(result)
+    assert "cannot create the run directory /proc/none/x" in line and "Traceback" not in result.stderr

@@ -1,8 +1,9 @@
 """`python -m jaxedit.sweep` end to end on a tiny random Llama with a real tokenizer.
 
 The reference is an uninterrupted single-process run of the same config; a run killed with SIGKILL
-and restarted, a run on 8 CPU devices with sharded parameters and batches (data=2 × fsdp=2 ×
-tensor=2), and a run split over 2 processes through `jax.distributed` must give the same rows.
+and restarted (running only the training steps after its checkpoint), a run on 8 CPU devices with
+sharded parameters and batches (data=2 × fsdp=2 × tensor=2), and a run split over 2 processes
+through `jax.distributed`, both killed mid-training and restarted, must give the same rows.
 Bad inputs give one line and write nothing.
 
 Time goes to XLA compiles, so the runs share a persistent compilation cache (`conftest.sweep_env`): the
@@ -69,9 +70,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _committed_steps(run_dir: Path) -> dict[str, int]:
+    """Unit → its newest committed training checkpoint step."""
+    steps = {}
+    for state in (run_dir / "checkpoints").glob("*/partition0/step_*/state.npz"):
+        unit, step = state.parents[2].name, int(state.parent.name.removeprefix("step_"))
+        steps[unit] = max(step, steps.get(unit, 0))
+    return steps
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, tiny_llama_dir):
-    """The config split over 2 processes through `jax.distributed`: (exit codes, logs, run dir).
+    """The config split over 2 processes through `jax.distributed`, both killed (SIGKILL) once each has
+    committed a training checkpoint of its unit, then both restarted: (exit codes, restart logs, run dir,
+    unit → the step its checkpoint held at the kill).
 
     It runs first, both processes with empty caches: process 1 cannot load single-process executables
     (a CPU executable is keyed by its device), and a process 0 that did would reach the final barrier
@@ -79,10 +91,24 @@ def two_processes(tmp_path_factory, tiny_llama_dir):
     """
     tmp = tmp_path_factory.mktemp("processes")
     path = _write(tmp, tiny_sweep_config(tiny_llama_dir, tmp / "runs"))
-    address = f"localhost:{_free_port()}"
+    run_dir = tmp / "runs" / "small"
+
+    def start(logs):
+        address = f"localhost:{_free_port()}"
+        return [_start([path], sweep_env(tmp / "xla", JAXEDIT_CACHE=str(tmp / "cache"), JAX_COORDINATOR_ADDRESS=address,
+                                         JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), JAXEDIT_DEBUG="1"), log)
+                for i, log in enumerate(logs)]
+
+    procs = start([tmp / f"killed{i}.txt" for i in range(2)])
+    deadline = time.time() + 600
+    while time.time() < deadline and all(p.poll() is None for p in procs) and len(_committed_steps(run_dir)) < 2:
+        time.sleep(0.02)
+    for p in procs:
+        p.kill()
+        p.wait()
+    killed_at = _committed_steps(run_dir)
     logs = [tmp / f"process{i}.txt" for i in range(2)]
-    procs = [_start([path], sweep_env(tmp / "xla", JAXEDIT_CACHE=str(tmp / "cache"), JAX_COORDINATOR_ADDRESS=address,
-                                      JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)), log) for i, log in enumerate(logs)]
+    procs = start(logs)
     try:
         codes = [p.wait(timeout=600) for p in procs]
     finally:
@@ -92,7 +118,7 @@ def two_processes(tmp_path_factory, tiny_llama_dir):
                 p.wait()
     if (tmp / "xla").is_dir():
         shutil.copytree(tmp / "xla", sweep_env()["JAX_COMPILATION_CACHE_DIR"], dirs_exist_ok=True)
-    return codes, [log.read_text() for log in logs], tmp / "runs" / "small"
+    return codes, [log.read_text() for log in logs], run_dir, killed_at
 
 
 @pytest.fixture(scope="module")
@@ -153,40 +179,57 @@ def test_rerun_resumes_and_repeats_nothing(reference, tmp_path):
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (run_dir / "units").glob("*.json")}
 
 
-def test_sigkill_mid_training_then_restart_gives_the_same_rows(reference, tmp_path):
+def _saved_steps(log: str, unit: str) -> list[int]:
+    """Optimizer steps whose training checkpoint a run saved for `unit` (its JAXEDIT_DEBUG notes)."""
+    return [int(line.split("saved step ")[1].split()[0]) for line in log.splitlines()
+            if "checkpoint: saved step" in line and f"/{unit}/" in line]
+
+
+def test_sigkill_mid_training_then_restart_resumes_from_the_checkpoint(reference, tmp_path):
     config, rows, _ = reference
     config = dict(config, output=str(tmp_path / "runs"), localizations=["manual_interp"])  # the reference's first unit
     path = _write(tmp_path, config)
     run_dir = tmp_path / "runs" / "small"
     proc = subprocess.Popen([sys.executable, "-m", "jaxedit.sweep", str(path)], cwd=ROOT, env=sweep_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, saved = time.time() + 300, []
-    while time.time() < deadline and proc.poll() is None and not saved:
-        # a complete checkpoint: orbax writes step_<n>.orbax-checkpoint-tmp and renames it when done
-        saved = [c for c in (run_dir / "checkpoints").glob("*/partition0/step_*")
-                 if c.name.removeprefix("step_").isdigit()]
+    deadline, committed = time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None and not committed:
+        # a committed checkpoint: step_<n> is renamed into place once its state.npz is complete
+        committed = list((run_dir / "checkpoints").glob("*/partition0/step_*/state.npz"))
         time.sleep(0.02)
     assert proc.poll() is None, "the sweep ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert saved, "no complete checkpoint within 300 s"
+    assert committed, "no complete checkpoint within 300 s"
     assert not (run_dir / "results.jsonl").exists()
-    unit = saved[0].parent.parent.name
-    assert not (run_dir / "units" / f"{unit}.json").exists()  # so the restart resumes its training from step_<n>
-    done = _run([path])
+    unit = committed[0].parents[2].name
+    assert not (run_dir / "units" / f"{unit}.json").exists()  # so the restart resumes its training
+    start = max(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints" / unit / "partition0").glob("step_*")
+                if (p / "state.npz").is_file())  # the newest committed step when the kill landed
+    done = _run([path], env=sweep_env(JAXEDIT_DEBUG="1"))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming training from its checkpoint at step {start}" in done.stderr
+    steps = config["train"]["steps"]  # checkpoint_every 1: a checkpoint after every step but the last
+    assert _saved_steps(done.stderr, unit) == list(range(start + 1, steps))  # only the steps after the checkpoint ran
     _assert_same_rows(_rows(run_dir), [r for r in rows if r["localization"] == "manual_interp"])
 
 
-def test_two_processes_through_jax_distributed_match_one(reference, two_processes):
+def test_two_processes_through_jax_distributed_resume_their_own_training_and_match_one(reference, two_processes):
     _, rows, _ = reference
-    codes, outputs, run_dir = two_processes
+    codes, outputs, run_dir, killed_at = two_processes
     assert codes == [0, 0], [out[-2000:] for out in outputs]
     assert "1 on this process" in outputs[0] and "1 on this process" in outputs[1]
+    units = [r["unit"] for r in rows]
+    assert sorted(killed_at) == units, "the kill came before each process had a checkpoint of its unit"
+    steps = reference[0]["train"]["steps"]
+    for output, unit in zip(outputs, units):  # process i owns unit i (`process_slice`)
+        assert f"resuming training from its checkpoint at step {killed_at[unit]}" in output
+        assert _saved_steps(output, unit) == list(range(killed_at[unit] + 1, steps))  # only later steps ran
     _assert_same_rows(_rows(run_dir), rows)
 
 
-@pytest.mark.parametrize("case", ["yaml", "key", "model", "unknown_facts", "mesh", "localization", "override"])
+@pytest.mark.parametrize("case", ["yaml", "key", "model", "unknown_facts", "mesh", "localization", "override",
+                                  "output", "repeated_model"])
 def test_bad_input_gives_one_line_and_writes_nothing(case, tmp_path, tiny_llama_dir, capsys):
     config = tiny_sweep_config(tiny_llama_dir, tmp_path / "runs")
     args, expect = None, None
@@ -211,11 +254,57 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, tmp_path, tiny_llama_
         args, expect = [str(_write(tmp_path, config))], "did you mean 'manual_interp'"
     elif case == "override":
         args, expect = [str(_write(tmp_path, config)), "train.steps"], "is not key=value"
+    elif case == "output":
+        args, expect = [str(_write(tmp_path, config)), "output=/proc/none/x"], "cannot create the run directory"
+    elif case == "repeated_model":
+        config["models"] = config["models"] * 2
+        args, expect = [str(_write(tmp_path, config))], "more than once"
     assert sweep_cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) >= 1 and err[-1].startswith("error: ") and expect in err[-1], err
     assert not any(line.startswith("error") for line in err[:-1])
     assert not (tmp_path / "runs" / "small").exists()
+
+
+@pytest.mark.parametrize("models", [["/x/a/model", "/x/b/model"], ["org1/m", "org2/m"]])
+def test_models_with_the_same_directory_name_get_their_own_units(models):
+    units = expand(load_config(None, [f"models={models}", "localizations=[random, manual_interp]", "seeds=[0, 1]",
+                                     "train.preset=null"]))
+    ids, preps = [u.id for u in units], {u.prep_id for u in units}
+    assert len(set(ids)) == len(ids) == 8  # 2 models × 2 seeds × 2 localizations, none standing for another
+    assert len(preps) == 4  # each (model, seed) its own preparation
+    for model in models:
+        mine = [u.id for u in units if u.model == model]
+        assert len(mine) == 4 and all(i.startswith(model.rsplit("/", 1)[1] + "-") for i in mine)
+    single = expand(load_config(None, [f"models={models[:1]}", "localizations=[random]", "seeds=[0]",
+                                       "train.preset=null"]))
+    assert [u.id for u in single] == [f"{models[0].rsplit('/', 1)[1]}__s0__random"]  # no digest without a collision
+
+
+@pytest.mark.parametrize("changed", ["git_revision", "versions"])
+def test_resuming_a_run_of_other_code_needs_resume_anyway(reference, tmp_path, changed, capsys):
+    config, rows, run_dir = reference
+    config = dict(config, output=str(tmp_path / "runs"))
+    path = _write(tmp_path, config)
+    copy = tmp_path / "runs" / "small"
+    shutil.copytree(run_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"]["output"] = config["output"]
+    now = manifest[changed]["jax"] if changed == "versions" else manifest[changed]
+    then = "0.0.1" if changed == "versions" else "0" * 40
+    if changed == "versions":
+        manifest["versions"]["jax"] = then
+    else:
+        manifest["git_revision"] = then
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "results.jsonl").unlink()
+    assert sweep_cli.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and f"{then} → {now}" in err[-1] and "--resume-anyway" in err[-1], err
+    assert not (copy / "results.jsonl").exists()  # refused before anything ran
+    assert sweep_cli.main([str(path), "--resume-anyway"]) == 0
+    assert json.loads((copy / "manifest.json").read_text())["resumed_anyway"][0][changed] != then
+    _assert_same_rows(_rows(copy), rows)
 
 
 def test_counterfact_sequential_sweep_edits_four_partitions(tiny_llama_dir, tmp_path):

@@ -1,9 +1,14 @@
-"""`python -m jaxedit.sweep [CONFIG] [key=value ...]`: run (or resume) a sweep and write its report."""
+"""`python -m jaxedit.sweep [CONFIG] [key=value ...]`: run (or resume) a sweep and write its report.
+
+Ctrl-C (SIGINT) or SIGTERM pauses it: the run directory keeps what was computed, one line says so,
+and the exit status is 128 + the signal (130, 143); the same command resumes.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import typing
 
@@ -31,7 +36,20 @@ def _epilog() -> str:
     listed = "\n  ".join(f"{key:<{width}}  {_yaml(default)}" for key, default in keys().items())
     return (f"configs (in configs/): {configs}\n\nkeys and their defaults (override any with key=value, e.g. "
             f"train.steps=20 seeds=[0,1,2]):\n  {listed}\n\nA sweep writes <output>/<name>/ and resumes there when "
-            "run again.")
+            "run again (after Ctrl-C, SIGTERM or a kill): finished units are kept, the unit in flight resumes from "
+            "its last training checkpoint.")
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; `status` is the exit status (128 + the signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.status = 128 + signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
 
 
 def _yaml(value) -> str:
@@ -50,7 +68,21 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", action="store_true", help="print per-device memory of each model under the mesh "
                         "(shapes only, no weights) and exit")
     parser.add_argument("--devices", type=int, default=None, help="number of devices to plan for (with --plan)")
+    parser.add_argument("--resume-anyway", action="store_true", help="continue a run directory made by another "
+                        "code revision or package set (refused otherwise); the manifest records it")
     args = parser.parse_args(argv)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(args)
+    except Interrupted as stop:
+        print("interrupted: run the same command to resume", file=sys.stderr)
+        return stop.status
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(args) -> int:
     config_arg, overrides = args.config, list(args.overrides)
     if config_arg is not None and "=" in config_arg:
         config_arg, overrides = None, [config_arg] + overrides
@@ -72,7 +104,7 @@ def main(argv=None) -> int:
         from jaxedit.sweep.runner import run_sweep
 
         use_persistent_cache(cache_dir() / "xla")  # a second run of a sweep compiles nothing
-        root = run_sweep(config)
+        root = run_sweep(config, args.resume_anyway)
     except JaxeditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -208,6 +208,10 @@ def validate(config: SweepConfig) -> None:
             raise JaxeditError(f"unknown localization {name!r}: {_suggest(name, PAPER_LOCALIZATIONS)}")
     if not config.models or not config.localizations or not config.seeds:
         raise JaxeditError("models, localizations and seeds each need at least one entry")
+    for key in ("models", "localizations", "seeds"):
+        repeated = sorted({str(v) for v in getattr(config, key) if getattr(config, key).count(v) > 1})
+        if repeated:
+            raise JaxeditError(f"{key} lists {', '.join(repeated)} more than once: list each once")
     for dotted, values in (config.grid or {}).items():
         if not isinstance(values, list) or not values:
             raise JaxeditError(f"grid.{dotted}: give a non-empty list of values")

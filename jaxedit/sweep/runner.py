@@ -2,8 +2,10 @@
 
 Preparation (split, localization scores, before-edit metrics) is shared by a preparation's units
 and saved under prep/ so a restarted sweep does not redo it. Each process of a multi-host run
-takes its own units (`sharding.process_units`); process 0 writes results.jsonl and the report
-once every process is done.
+takes its own units (`sharding.process_units`) and checkpoints their training; process 0 writes
+results.jsonl and the report once every process is done. A run stopped by any exception (an
+interrupt too) keeps what it computed; only a new single-process run that computed nothing
+removes its directory.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def run_unit(config: SweepConfig, unit: Unit, model, task: Task, prepared: exper
     cfg = unit_settings(config, unit)
     row = experiment.run_experiment(
         model, task, prepared, unit.localization, cfg, seed=unit.seed,
-        checkpoint_dir=store.checkpoint_dir(unit.id) if jax.process_count() == 1 else None)
+        checkpoint_dir=store.checkpoint_dir(unit.id))
     return unit.labels() | {"lr": cfg.train.lr, "forget_loss_coef": cfg.train.forget_loss_coef,
                             "task": config.task} | row
 
@@ -71,8 +73,11 @@ def devices_info() -> dict:
             "kind": jax.devices()[0].device_kind}
 
 
-def run_sweep(config: SweepConfig) -> Path:
-    """Run (or resume) `config`; returns the run directory. Only process 0 writes the report."""
+def run_sweep(config: SweepConfig, resume_anyway: bool = False) -> Path:
+    """Run (or resume) `config`; returns the run directory. Only process 0 writes the report.
+
+    resume_anyway: continue a run directory made by other code (`RunStore.open`).
+    """
     parallel.initialize()
     store = RunStore(Path(config.output) / config.name)
     units = expand(config)
@@ -81,37 +86,40 @@ def run_sweep(config: SweepConfig) -> Path:
         registry.resolve(name)
     make_task(config.task, config.data, config.eval)
     parallel.check_mesh(config.mesh)
-    resumed = store.open(config.to_dict(), devices_info())
+    resumed = store.open(config.to_dict(), devices_info(), resume_anyway)
     try:
         _run_units(config, store, units, mine, resumed)
     except BaseException:
-        if not resumed and not any((store.root / "units").glob("*.json")):
-            shutil.rmtree(store.root, ignore_errors=True)  # nothing finished: leave no half-made run behind
+        if not resumed and jax.process_count() == 1 and not store.has_results():
+            shutil.rmtree(store.root, ignore_errors=True)  # nothing computed: leave no empty run behind
         raise
     return store.root
 
 
 def _run_units(config: SweepConfig, store: RunStore, units: list[Unit], mine: list[Unit], resumed: bool) -> None:
     todo = [u for u in mine if not store.done(u.id)]
+    for unit in mine:  # a kill between writing a unit and removing its checkpoints left them behind
+        if store.done(unit.id):
+            shutil.rmtree(store.checkpoint_dir(unit.id), ignore_errors=True)
     say(f"{'resuming' if resumed else 'starting'} {store.root}: {len(units)} units, {len(mine)} on this process, "
         f"{len(mine) - len(todo)} already done")
     started = time.perf_counter()
     models, preps = {}, {}
-    bar = tqdm(todo, desc="units", file=sys.stderr, disable=not todo)
-    for unit in bar:
-        bar.set_postfix_str(unit.id)
-        if unit.model not in models:
-            models.clear()
-            say(f"loading {unit.model}")
-            models[unit.model] = parallel.place_model(jaxedit.load(unit.model), config.mesh)
-        model = models[unit.model]
-        if unit.prep_id not in preps:
-            preps[unit.prep_id] = prepare(config, model, unit, store)
-        row = run_unit(config, unit, model, *preps[unit.prep_id], store)
-        store.write_unit(unit.id, row)
-        shutil.rmtree(store.checkpoint_dir(unit.id), ignore_errors=True)
-        say(f"{unit.id}: " + ", ".join(f"{k} {row[k]:.3f}" for k in report.headline(row)) +
-            f" ({row['time/total']:.0f} s)")
+    with tqdm(todo, desc="units", file=sys.stderr, disable=not todo) as bar:  # closed (a newline) however it ends
+        for unit in bar:
+            bar.set_postfix_str(unit.id)
+            if unit.model not in models:
+                models.clear()
+                say(f"loading {unit.model}")
+                models[unit.model] = parallel.place_model(jaxedit.load(unit.model), config.mesh)
+            model = models[unit.model]
+            if unit.prep_id not in preps:
+                preps[unit.prep_id] = prepare(config, model, unit, store)
+            row = run_unit(config, unit, model, *preps[unit.prep_id], store)
+            store.write_unit(unit.id, row)
+            shutil.rmtree(store.checkpoint_dir(unit.id), ignore_errors=True)
+            say(f"{unit.id}: " + ", ".join(f"{k} {row[k]:.3f}" for k in report.headline(row)) +
+                f" ({row['time/total']:.0f} s)")
     parallel.barrier("jaxedit-sweep-done")
     if jax.process_index() == 0:
         missing = [u.id for u in units if not store.done(u.id)]

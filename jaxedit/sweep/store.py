@@ -1,13 +1,15 @@
 """The run directory of a sweep: atomic per-unit results, a manifest, and resumption.
 
 Layout of `<output>/<name>/`:
-  manifest.json          config, versions, git revision, devices, timings
+  manifest.json          config, code (git revision, uncommitted changes, package versions), devices, timings
   prep/<prep id>.json    shared preparation (data split, localization scores, before-edit metrics)
   units/<unit id>.json   one finished unit's row (written by tmp file + rename: complete or absent)
   checkpoints/<unit id>/ orbax checkpoints of in-flight training (removed when the unit is written)
   results.jsonl          every row, rebuilt from units/ when the sweep ends
 A restarted sweep skips units whose file exists, so a kill at any moment loses only the unit in
-flight (and resumes its training from the last checkpoint), and never repeats a written one.
+flight (and resumes its training from the last checkpoint), and never repeats a written one. It
+resumes only with the config and the code (`provenance`) that made the directory, unless asked to
+continue with other code (recorded in the manifest's `resumed_anyway`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from jaxedit.errors import JaxeditError
-from jaxedit.io import atomic_write, git_revision
+from jaxedit.io import atomic_write, git_revision, source_changes
 
 PACKAGES = ("jaxedit", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers")
 
@@ -45,6 +47,20 @@ def versions() -> dict[str, str | None]:
     return found | {"python": platform.python_version()}
 
 
+def provenance() -> dict:
+    """The code a run is made by: git revision, a digest of uncommitted changes (or None), package versions."""
+    return {"git_revision": git_revision(), "source_changes": source_changes(), "versions": versions()}
+
+
+def _differences(then: dict, now: dict) -> list[str]:
+    """'what then → now' for each provenance field and package version that differs."""
+    def flat(code: dict) -> dict:
+        return {k: v for k, v in code.items() if k != "versions"} | (code.get("versions") or {})
+
+    old, new = flat(then), flat(now)
+    return [f"{key} {old.get(key)} → {new.get(key)}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
 class RunStore:
     """Results of one sweep under `root` (see the module doc)."""
 
@@ -55,17 +71,36 @@ class RunStore:
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
 
-    def open(self, config: dict, devices: dict) -> bool:
-        """Create the run directory or check it belongs to `config`; True when resuming."""
+    def open(self, config: dict, devices: dict, resume_anyway: bool = False) -> bool:
+        """Create the run directory or check it belongs to `config` and this code; True when resuming.
+
+        resume_anyway: continue a directory made by other code (noted in the manifest) instead of refusing.
+        """
+        code = provenance()
         if self.manifest_path.is_file():
             manifest = json.loads(self.manifest_path.read_text())
             if manifest.get("config") != json.loads(json.dumps(config, default=_jsonable)):
                 raise JaxeditError(f"{self.root} holds a sweep with a different config: pass another name=... "
                                    f"or output=..., or remove the directory")
+            changed = _differences({k: manifest.get(k) for k in code}, code)
+            if changed and not resume_anyway:
+                raise JaxeditError(f"{self.root} was made by other code ({'; '.join(changed)}): rerun it with "
+                                   "that code, pass another name=... or output=..., or pass --resume-anyway to "
+                                   "continue it with this code")
+            if changed:
+                self.update_manifest(resumed_anyway=manifest.get("resumed_anyway", []) + [code])
             return True
-        write_json(self.manifest_path, {"config": config, "versions": versions(), "git_revision": git_revision(),
-                                        "devices": devices, "platform": platform.platform()})
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise JaxeditError(f"cannot create the run directory {self.root} ({err.strerror}): "
+                               "pass output=... a folder you can write to") from None
+        write_json(self.manifest_path, {"config": config, **code, "devices": devices, "platform": platform.platform()})
         return False
+
+    def has_results(self) -> bool:
+        """Whether anything was computed here: a preparation, a unit, a training checkpoint."""
+        return any(any(self.root.glob(pattern)) for pattern in ("prep/*.json", "units/*.json", "checkpoints/**/step_*"))
 
     def update_manifest(self, **fields) -> None:
         manifest = json.loads(self.manifest_path.read_text())
