@@ -397,7 +397,7 @@ def test_presets_and_errors(model):
     assert math.isclose(TrainSettings().lr, 1e-5)
 
 
-def test_training_resumes_from_its_orbax_checkpoint(model, batch, tmp_path):
+def test_training_resumes_from_its_checkpoint(model, batch, tmp_path):
     """A run stopped after step 3 (checkpoint at step 2) and restarted equals an uninterrupted run, and the
     restart runs only steps 3-5: its batch source fails for the micro-batches the checkpoint already holds."""
     mask = _mixed_mask()

@@ -101,7 +101,7 @@ class TrainSettings:
     remat: bool = False
     lora_rank: int | None = None  # set: train LoRA adapters on all linear layers instead of the mask
     lora_alpha: float = 16.0
-    checkpoint_every: int = 5  # optimizer steps between orbax checkpoints of in-flight training (0: never)
+    checkpoint_every: int = 5  # optimizer steps between checkpoints of in-flight training (0: never)
     preset: str | None = None
     preset_model: str | None = None  # the paper model whose preset applies (default: from the model name)
 
@@ -236,8 +236,9 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
     model's). A fresh optimizer and cosine schedule per call (sequential editing, §4.5, calls this
     once per partition). on_step(step, metrics) after each optimizer step (host sync only then).
     seed: the LoRA adapters' init. checkpoint_dir: the trainable values and optimizer state are saved
-    there with orbax every `settings.checkpoint_every` optimizer steps, and a call that finds a checkpoint resumes from it (the
-    batches are a pure function of the micro-step, so the resumed run equals an uninterrupted one).
+    there (`edit.checkpoints`) every `settings.checkpoint_every` optimizer steps, and a call that finds a
+    checkpoint resumes from it (the batches are a pure function of the micro-step, so the resumed run
+    equals an uninterrupted one).
     """
     if settings.preset:
         raise JaxeditError(f"train.preset {settings.preset!r} is not resolved: train with "

@@ -4,7 +4,7 @@ Layout of `<output>/<name>/`:
   manifest.json          config, code (git revision, uncommitted changes, package versions), devices, timings
   prep/<prep id>.json    shared preparation (data split, localization scores, before-edit metrics)
   units/<unit id>.json   one finished unit's row (written by tmp file + rename: complete or absent)
-  checkpoints/<unit id>/ orbax checkpoints of in-flight training (removed when the unit is written)
+  checkpoints/<unit id>/ checkpoints of in-flight training (`edit.checkpoints`) (removed when the unit is written)
   results.jsonl          every row, rebuilt from units/ when the sweep ends
 A restarted sweep skips units whose file exists, so a kill at any moment loses only the unit in
 flight (and resumes its training from the last checkpoint), and never repeats a written one. It
