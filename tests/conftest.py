@@ -140,7 +140,7 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir):
 # loadfile`, and `--no-loadscope-reorder` in pyproject.toml); files start in collection order, so the
 # longest ones (measured) go first and the short ones fill in. test_sweep_grid.py starts after
 # test_sweep.py's reference run has filled the shared compilation cache (`sweep_env`) it loads from.
-LONGEST_FIRST = ("test_sweep.py", "test_qwen_real.py", "test_fault_injection.py", "test_edit_training.py",
+LONGEST_FIRST = ("test_sweep.py", "test_qwen_real.py", "test_edit_training.py",
                  "test_gguf_convert.py", "test_families.py", "test_interventions.py", "test_sweep_grid.py",
                  "test_sharding.py", "test_activation_patching.py", "test_eval_attacks.py", "test_parity_tiny.py",
                  "test_localize_pipeline.py", "test_config_keys.py", "test_text_side_effects.py")

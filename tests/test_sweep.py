@@ -1,7 +1,7 @@
 """`python -m jaxedit.sweep` end to end on a tiny random Llama with a real tokenizer.
 
-The reference is an uninterrupted single-process run of the same config; a run killed with SIGKILL
-and restarted (running only the training steps after its checkpoint), a run on 8 CPU devices with
+The reference is an uninterrupted single-process run of the same config; a run stopped at 8 drawn
+points (SIGKILL, SIGINT, SIGTERM: fault injection) and resumed each time, a run on 8 CPU devices with
 sharded parameters and batches (data=2 × fsdp=2 × tensor=2), and a run split over 2 processes
 through `jax.distributed`, both killed mid-training and restarted, must give the same rows.
 Bad inputs give one line and write nothing.
@@ -12,6 +12,7 @@ there. The 8-device run starts after the reference and goes on beside the other 
 """
 
 import json
+import random
 import shutil
 import signal
 import socket
@@ -185,33 +186,100 @@ def _saved_steps(log: str, unit: str) -> list[int]:
             if "checkpoint: saved step" in line and f"/{unit}/" in line]
 
 
-def test_sigkill_mid_training_then_restart_resumes_from_the_checkpoint(reference, tmp_path):
-    config, rows, _ = reference
-    config = dict(config, output=str(tmp_path / "runs"), localizations=["manual_interp"])  # the reference's first unit
-    path = _write(tmp_path, config)
+SEED = 14  # draws the stop points and the order of the signals
+INTERRUPTED = "interrupted: run the same command to resume"
+
+
+def _committed_step(run_dir: Path, unit: str) -> int:
+    """The newest committed training checkpoint of `unit` (0: none); committed = `step_<n>` holds its
+    `state.npz` (the folder is renamed into place once complete)."""
+    return max((int(p.parent.name.removeprefix("step_")) for p in
+                (run_dir / "checkpoints" / unit).glob("partition0/step_*/state.npz")), default=0)
+
+
+def _stop_points(run_dir: Path, units: list[str], steps: int, rng: random.Random) -> list[tuple[str, object]]:
+    """(name, reached() -> bool) in the order the run reaches them: preparing, prepared, two drawn committed
+    checkpoint steps of each unit, between the units, writing the report. A point also counts as reached once
+    the run is past it (a signal that lands late stops the run at a later state)."""
+    def done(unit):
+        return lambda: (run_dir / "units" / f"{unit}.json").is_file()
+
+    def at_step(unit, step):
+        return lambda: _committed_step(run_dir, unit) >= step or done(unit)()
+
+    points = [("preparing", lambda: (run_dir / "manifest.json").is_file()),
+              ("prepared", lambda: any((run_dir / "prep").glob("*.json")))]
+    for k, unit in enumerate(units):
+        if k:
+            points.append((f"between units (after {units[k - 1]})", done(units[k - 1])))
+        for step in sorted(rng.sample(range(1, steps), 2)):  # a checkpoint is saved after steps 1 .. steps-1
+            points.append((f"training {unit}, step {step} committed", at_step(unit, step)))
+    points.append(("writing the report", lambda: (run_dir / "results.jsonl").is_file()))
+    return points
+
+
+def _kept(run_dir: Path) -> set[str]:
+    """Files a stop must keep: the manifest, preparations, finished units."""
+    return {str(p.relative_to(run_dir)) for pattern in ("manifest.json", "prep/*.json", "units/*.json")
+            for p in run_dir.glob(pattern)}
+
+
+def _unit_files(run_dir: Path) -> dict[str, dict]:
+    return {p.stem: {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("time/")}
+            for p in sorted((run_dir / "units").glob("*.json"))}
+
+
+def test_sweep_stopped_at_drawn_points_resumes_to_the_uninterrupted_run(reference, tmp_path):
+    """Fault injection: SIGKILL at 5, SIGINT at 2 and SIGTERM at 1 drawn points (watched in the run directory,
+    no hook in the code), each followed by the same command: a run after a kill mid-training resumes from the
+    committed checkpoint (it saves only later steps), an interrupt keeps what was computed, and the last run
+    ends with the reference's unit files and results.jsonl, no unit lost."""
+    config, rows, expected_dir = reference
+    steps = config["train"]["steps"]
+    assert config["train"]["checkpoint_every"] == 1
+    path = _write(tmp_path, dict(config, output=str(tmp_path / "runs")))
     run_dir = tmp_path / "runs" / "small"
-    proc = subprocess.Popen([sys.executable, "-m", "jaxedit.sweep", str(path)], cwd=ROOT, env=sweep_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, committed = time.time() + 300, []
-    while time.time() < deadline and proc.poll() is None and not committed:
-        # a committed checkpoint: step_<n> is renamed into place once its state.npz is complete
-        committed = list((run_dir / "checkpoints").glob("*/partition0/step_*/state.npz"))
-        time.sleep(0.02)
-    assert proc.poll() is None, "the sweep ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert committed, "no complete checkpoint within 300 s"
-    assert not (run_dir / "results.jsonl").exists()
-    unit = committed[0].parents[2].name
-    assert not (run_dir / "units" / f"{unit}.json").exists()  # so the restart resumes its training
-    start = max(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints" / unit / "partition0").glob("step_*")
-                if (p / "state.npz").is_file())  # the newest committed step when the kill landed
-    done = _run([path], env=sweep_env(JAXEDIT_DEBUG="1"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resuming training from its checkpoint at step {start}" in done.stderr
-    steps = config["train"]["steps"]  # checkpoint_every 1: a checkpoint after every step but the last
-    assert _saved_steps(done.stderr, unit) == list(range(start + 1, steps))  # only the steps after the checkpoint ran
-    _assert_same_rows(_rows(run_dir), [r for r in rows if r["localization"] == "manual_interp"])
+    units = [r["unit"] for r in rows]
+    rng = random.Random(SEED)
+    points = _stop_points(run_dir, units, steps, rng)
+    signals = [signal.SIGKILL] * 5 + [signal.SIGINT] * 2 + [signal.SIGTERM]
+    rng.shuffle(signals)
+    assert len(points) == len(signals) == 8
+    env = sweep_env(JAXEDIT_DEBUG="1")
+    resumes = {}  # unit -> the committed step the next run must resume from
+    for n, ((name, reached), signum) in enumerate(zip(points, signals)):
+        log = tmp_path / f"log{n}.txt"
+        proc = _start([path], env, log)
+        while proc.poll() is None and not reached():
+            time.sleep(0.005)
+        assert proc.poll() is None, f"the run ended before {name}: {log.read_text()[-2000:]}"
+        kept = _kept(run_dir)
+        proc.send_signal(signum)
+        proc.wait(timeout=300)
+        output = log.read_text()
+        for unit, step in resumes.items():  # the unit in flight at the last stop went on from its checkpoint
+            if _saved_steps(output, unit) or (run_dir / "units" / f"{unit}.json").is_file():  # (if it got that far)
+                assert f"resuming training from its checkpoint at step {step}" in output, output[-2000:]
+                assert min(_saved_steps(output, unit), default=steps) > step
+        if signum == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            assert proc.returncode == 128 + signum and "Traceback" not in output, output[-2000:]
+            assert output.strip().splitlines()[-1] == INTERRUPTED and output.count(INTERRUPTED) == 1
+            if kept - {"manifest.json"}:  # something was computed: all of it is kept
+                assert kept <= _kept(run_dir)
+        resumes = {u: _committed_step(run_dir, u) for u in units
+                   if _committed_step(run_dir, u) and not (run_dir / "units" / f"{u}.json").is_file()}
+    final = _run([path], env=env)
+    assert final.returncode == 0, final.stderr[-3000:]
+    for unit, step in resumes.items():
+        assert f"resuming training from its checkpoint at step {step}" in final.stderr
+        assert _saved_steps(final.stderr, unit) == list(range(step + 1, steps))  # only the steps after it ran
+    assert sorted(_unit_files(run_dir)) == sorted(units)  # no unit lost
+    assert _unit_files(run_dir) == _unit_files(expected_dir)
+    _assert_same_rows(_rows(run_dir), rows)
+    assert (run_dir / "report" / "summary.md").is_file()
+    assert not list((run_dir / "checkpoints").glob("*/*/step_*"))
 
 
 def test_two_processes_through_jax_distributed_resume_their_own_training_and_match_one(reference, two_processes):
