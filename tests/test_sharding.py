@@ -18,6 +18,7 @@ import torch
 from jax.sharding import AxisType, PartitionSpec as P
 
 import jaxedit
+from conftest import xla_flags
 from _sharding_worker import (GEMMA2_9B, TRAIN_STEPS, data_parallel_inputs, hand_made_parts, prompts, run_train,
                               train_batch, train_setup)
 from jaxedit.edit import losses
@@ -192,7 +193,7 @@ def _env(**extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
     for key in ENV:
         env.pop(key, None)
-    return env | extra
+    return env | extra | {"XLA_FLAGS": xla_flags(extra.get("XLA_FLAGS", ""))}
 
 
 def _check(procs):
