@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.data.batching import first_tokens, fixed_batches, padded_batches, shared_prefix_length
+from jaxedit.data.batching import first_tokens, fitted_batch_size, fixed_batches, padded_batches, shared_prefix_length
 from jaxedit.errors import JaxeditError
 from jaxedit.models import core
 from jaxedit.sharding import on_data
@@ -78,7 +78,8 @@ def read_jit(params, cfg, tokens, mask, reads: tuple[str, ...], positions=None, 
 def read_prompts(model, rows: list[list[int]], reads: tuple[str, ...], *, params=None, batch_size: int = 16,
                  padding_side: str = "right", columns=None, ids=None, hook=None, adversaries=None,
                  slots: list[list[int]] | None = None) -> dict[str, np.ndarray]:
-    """`read_jit` at the last real token of token rows [N] in `padded_batches`: {read: [N,...] (hook: [R,N,...])}.
+    """`read_jit` at the last real token of token rows [N] in `padded_batches` of `fitted_batch_size` rows:
+    {read: [N,...] (hook: [R,N,...])}.
     Each batch shards over the 'data' axis of the mesh `params` live on (`sharding.on_data`). Logit reads of
     right-padded rows that start with the same tokens (a template's head) run those once
     (`batching.shared_prefix_length`, `core.forward_shared_prefix`).
@@ -93,6 +94,7 @@ def read_prompts(model, rows: list[list[int]], reads: tuple[str, ...], *, params
         n = shared_prefix_length(rows)
         prefix, rows = (jnp.asarray(rows[0][:n], jnp.int32), [r[n:] for r in rows]) if n else (None, rows)
     parts = []
+    batch_size = fitted_batch_size(len(rows), batch_size)
     for _, index, n_real, tokens, mask in padded_batches(rows, model.tokenizer.pad_token_id, batch_size,
                                                          padding_side):
         shared = None if slots is None else pad([slots[i] for i in index], -1, padding_side, tokens.shape[1])[0]
@@ -140,11 +142,11 @@ def logits_after(model, prompts: list[str], params=None) -> np.ndarray:
 def resid_at(cfg, params, tokens, mask, index, site: str = "resid_pre", batch_size: int = 32) -> np.ndarray:
     """`site` ('resid_pre' or 'resid_post') of every layer at positions index of each padded row of tokens/mask
     [N,T]: index [N] gives [L,N,D], index [N,P] (several positions per row, one forward) [L,N,P,D]. In
-    `fixed_batches` of min(batch_size, N) rows (sharded by `sharding.on_data`)."""
+    `fixed_batches` of `fitted_batch_size(N, batch_size)` rows (sharded by `sharding.on_data`)."""
     tokens, mask, index = np.asarray(tokens), np.asarray(mask), np.asarray(index)
     positions = index if index.ndim == 2 else index[:, None]
     out = []
-    for _, rows, n_real in fixed_batches(len(tokens), min(batch_size, len(tokens))):
+    for _, rows, n_real in fixed_batches(len(tokens), fitted_batch_size(len(tokens), batch_size)):
         rows_tokens, rows_mask, rows_positions = on_data(params, (tokens[rows], mask[rows], positions[rows]))
         got = read_jit(params, cfg, rows_tokens, rows_mask, (site,), rows_positions)[site]
         out.append(got[:, :n_real])

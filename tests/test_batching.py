@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxedit.data.batching import MIN_BUCKET, PromptBatches, bucket_length
+from jaxedit.data.batching import MIN_BUCKET, PromptBatches, bucket_length, fitted_batch_size
 from jaxedit.errors import JaxeditError
 from jaxedit.tokenizer import Tokenizer
 
@@ -43,7 +43,8 @@ def test_every_fact_once_per_epoch_with_its_target_in_one_fixed_shape(tokenizer)
             assert all(offset <= r < offset + len(targets) for r in rows)
             np.testing.assert_array_equal(part["target"], targets[np.array(rows) - offset])  # each its own target
             drawn[key] += [r - offset for r in rows]
-    t = max(MIN_BUCKET, -(-longest // 8) * 8)  # the 8-token bucket above the longest rest, by hand
+    step = 4 if longest <= 32 else 8
+    t = max(MIN_BUCKET, -(-longest // step) * step)  # the bucket above the longest rest, by hand
     assert shapes == {((b, t), (b, t), (b,), (head,))}
     for key, n in (("forget", len(FORGET)), ("maintain", len(MAINTAIN))):
         order = drawn[key]
@@ -72,7 +73,14 @@ def test_prompts_without_a_common_head_keep_every_token_and_empty_sets_are_dropp
         PromptBatches(tokenizer, {"forget": ([], [])}, 2, 1)
 
 
-@pytest.mark.parametrize("n, want", [(0, 16), (1, 16), (16, 16), (17, 24), (120, 120), (128, 128), (129, 160),
-                                     (512, 512), (513, 640), (700, 768)])
+@pytest.mark.parametrize("n, want", [(0, 8), (1, 8), (9, 12), (16, 16), (17, 20), (31, 32), (33, 40), (120, 120),
+                                     (128, 128), (129, 160), (512, 512), (513, 640), (700, 768)])
 def test_bucket_length_by_hand(n, want):
     assert bucket_length(n) == want
+
+
+@pytest.mark.parametrize("n, batch_size, want", [(40, 32, 20), (40, 64, 40), (32, 32, 32), (33, 32, 20), (112, 32, 28),
+                                                 (5, 16, 8), (3, 1, 1), (100, 30, 28), (0, 16, 16)])
+def test_fitted_batch_size_by_hand(n, batch_size, want):
+    """As few batches as batch_size allows, each as small as covers n, rounded up to a multiple of 4."""
+    assert fitted_batch_size(n, batch_size) == want

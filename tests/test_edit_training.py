@@ -425,3 +425,49 @@ def test_training_resumes_from_its_checkpoint(model, batch, tmp_path):
                     on_step=lambda step, _: steps_run.append(step))
     assert steps_run == [2, 3, 4]  # optimizer steps 3, 4 and 5 (0-based)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, whole), jax.tree.map(np.asarray, resumed))
+
+
+def test_trained_rows_by_hand():
+    """The layers a group trains, padded with the lowest untouched layers to a power of two ≤ L/2; else absent."""
+    def rows(group, name, layers, n_layers=18):
+        shape = {"w_up": (n_layers, 1, 8), "wk": (n_layers, 1, 2, 1)}[name]
+        leaf = np.zeros(shape, bool)
+        leaf[list(layers)] = True
+        return C.trained_rows({"layers": {group: {name: leaf, "w_down" if group == "mlp" else "wq":
+                                                  np.zeros((1,) * len(shape), bool)}}}, n_layers)
+
+    got = rows("mlp", "w_up", [2, 3])
+    assert set(got) == {("layers", "mlp", "w_up"), ("layers", "mlp", "w_down")}  # every matrix of the group
+    assert got["layers", "mlp", "w_up"].tolist() == [2, 3] and got["layers", "mlp", "w_down"].tolist() == [2, 3]
+    assert rows("attn", "wk", [5, 15, 0])["layers", "attn", "wk"].tolist() == [0, 1, 5, 15]  # 3 → 4: layer 1 added
+    assert rows("mlp", "w_up", [7])["layers", "mlp", "w_up"].tolist() == [7]
+    assert rows("mlp", "w_up", range(0, 18, 2)) == {}  # 9 layers → 16 > 18 / 2: trains whole
+    assert rows("mlp", "w_up", [1, 2], n_layers=3) == {}  # 2 > 3 / 2
+    assert C.trained_rows({"layers": {"mlp": {"w_up": np.ones((1, 1, 8), bool)}}}, 18) == {}  # broadcast over layers
+
+
+def test_a_slice_of_the_layer_stack_trains_as_the_whole_leaf_does(model, batch):
+    """Training the layer-1 rows alone (what `train` does) against training the whole stacked leaves under the
+    same mask (an independent path): the same params to float32 rounding, frozen layers bit-identical, and
+    optimizer state for the trained layer only."""
+    mask = C.trainable_mask(C.Components.make(["neuron", "neuron", "attn"], [1, 1, 1], [3, 7, -1]), CFG)
+    keep, rows = C.trained_leaves(mask), C.trained_rows(mask, CFG.n_layers)
+    assert {path: r.tolist() for path, r in rows.items()} == {
+        ("layers", g, n): [1] for g, names in (("attn", C.ATTN), ("mlp", C.MLP)) for n in names}
+    weights, spec = LossWeights(forget=1.0, maintain=1.0, lm=1.0), AdamWSpec(steps=3, weight_decay=0.1)
+    runs = []
+    for r in (rows, None):
+        trainable, frozen = split_trainable(model.params, mask, keep, r)
+        trainable = jax.tree.map(jnp.copy, trainable)
+        tmask, state = trainable_part(mask, keep, r), spec.init(trainable)
+        for _ in range(3):
+            trainable, state, _ = train_step(trainable, frozen, state, batch, CFG, weights, spec, tmask, 1e-2)
+        runs.append((merge(trainable, frozen), sum(x.size for x in jax.tree.leaves(state) if x.ndim)))
+    (sliced, sliced_state), (whole, whole_state) = runs
+    assert sliced_state * CFG.n_layers == whole_state  # Adam's moments of one layer of three
+    for path, leaf in mask_leaves(model.params):
+        got, want, old = (np.asarray(_get(t, path)) for t in (sliced, whole, model.params))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg="/".join(path))
+        if path[0] == "layers" and path[1] in ("attn", "mlp") and path[2] in C.ATTN + C.MLP:
+            assert np.array_equal(got[[0, 2]], old[[0, 2]]), path  # the other layers keep their bits
+            assert not np.array_equal(got[1], old[1]), path

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit.data.batching import cycling_order, fixed_batches, padded_batches
+from jaxedit.data.batching import MIN_BUCKET, cycling_order, fixed_batches, padded_batches
 from jaxedit.interventions import SiteEdit
 from jaxedit.models import core
 from jaxedit.models.config import config_from_hf
@@ -72,7 +72,7 @@ def test_fixed_batches_repeat_the_last_row():
     got = [(start, rows.tolist(), n) for start, rows, n in fixed_batches(5, 2)]
     assert got == [(0, [0, 1], 2), (2, [2, 3], 2), (4, [4, 4], 1)]
     (_, rows, n, ids, mask), = padded_batches([[5, 6, 7], [8]], pad_id=0, batch_size=3, padding_side="left")
-    assert rows.tolist() == [0, 1, 1] and n == 2 and ids.shape == mask.shape == (3, 16)
+    assert rows.tolist() == [0, 1, 1] and n == 2 and ids.shape == mask.shape == (3, MIN_BUCKET)
     assert ids[1, -1] == ids[2, -1] == 8 and mask[1].sum() == 1
 
 

@@ -5,17 +5,21 @@ may change), as built by `jaxedit.localize.components.trainable_mask`. Leaves wh
 False are split off (`split_trainable`) so they get neither a gradient nor optimizer state; the
 remaining, partially trainable leaves keep their broadcasting mask, applied to the gradient first
 (before global-norm clipping, so frozen entries do not count in the norm) and to the update last.
+A stacked layer matrix that trains in a few layers only is held by its trained rows (`LayerSlice`),
+so that the optimizer's state and update cover those layers alone.
 `optax.masked` is not used: it passes masked-out gradients through unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxedit.errors import JaxeditError
 
@@ -37,27 +41,75 @@ def _kept(mask, keep) -> dict:
     return jax.tree.map(lambda m: bool(np.any(m)), mask) if keep is None else keep
 
 
-def split_trainable(params, mask, keep=None) -> tuple[dict, dict]:
+@partial(jax.tree_util.register_dataclass, data_fields=("full", "rows"), meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class LayerSlice:
+    """The frozen half's entry for a stacked layer matrix `full` [L,…] of which only `rows` [k] (distinct
+    layer indices, int32 data: localizations of one k share a compiled step) train; the trainable half
+    holds those rows [k,…], so the optimizer keeps state for them alone."""
+
+    full: jax.Array
+    rows: jax.Array
+
+    def put(self, trained: jax.Array) -> jax.Array:
+        """`full` with `rows` replaced by trained [k,…] (the gradient w.r.t. trained is that of those rows)."""
+        return self.full.at[self.rows].set(trained.astype(self.full.dtype), unique_indices=True)
+
+
+def _on_devices_of(x, rows: np.ndarray) -> jax.Array:
+    """rows as an int32 array on the devices `x` lives on (replicated over its mesh when it has one)."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return jax.device_put(rows, NamedSharding(sharding.mesh, PartitionSpec()))
+    return jnp.asarray(rows, jnp.int32)
+
+
+def _path(keys) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in keys)
+
+
+def split_trainable(params, mask, keep=None, rows=None) -> tuple[dict, dict]:
     """(trainable, frozen): two params-shaped trees, each leaf in exactly one, None in the other.
 
     A leaf is trainable when any entry of its mask is True, or where `keep` says so (e.g.
-    `components.trained_leaves`); it stays whole (its mask still applies).
+    `components.trained_leaves`); it stays whole (its mask still applies), unless `rows` ({path: layer
+    rows [k]}, `components.trained_rows`) names it: then the trainable half holds its rows [k,…] and the
+    frozen half a `LayerSlice` of the whole leaf.
     """
-    pairs = _zip(params, _zip(mask, _kept(mask, keep), "keep"), "mask")
-    is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
-    trainable = jax.tree.map(lambda pm: pm[0] if pm[1][1] else None, pairs, is_leaf=is_pair)
-    frozen = jax.tree.map(lambda pm: None if pm[1][1] else pm[0], pairs, is_leaf=is_pair)
-    return trainable, frozen
+    rows = rows or {}
+    kept = _kept(mask, keep)
+    _zip(params, _zip(mask, kept, "keep"), "mask")  # one structure, or one error line
+
+    def trainable(path, p, k):
+        r = rows.get(_path(path))
+        return p[np.asarray(r)] if r is not None else p if k else None
+
+    def frozen(path, p, k):
+        r = rows.get(_path(path))
+        return LayerSlice(p, _on_devices_of(p, np.asarray(r, np.int32))) if r is not None else None if k else p
+
+    return (jax.tree_util.tree_map_with_path(trainable, params, kept),
+            jax.tree_util.tree_map_with_path(frozen, params, kept))
 
 
 def merge(trainable, frozen) -> dict:
     """The full params tree back from `split_trainable`'s halves."""
-    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=_is_none)
+    return jax.tree.map(lambda t, f: f if t is None else f.put(t) if isinstance(f, LayerSlice) else t,
+                        trainable, frozen, is_leaf=_is_none)
 
 
-def trainable_part(mask, keep=None) -> dict:
-    """The mask restricted to trainable leaves (None elsewhere), shaped like `split_trainable`'s first half."""
-    return jax.tree.map(lambda m, k: np.asarray(m, bool) if k else None, mask, _kept(mask, keep))
+def trainable_part(mask, keep=None, rows=None) -> dict:
+    """The mask restricted to trainable leaves (None elsewhere), shaped like `split_trainable`'s first half
+    (a leaf `rows` names: its mask at those layers)."""
+    rows = rows or {}
+
+    def part(path, m, k):
+        m, r = np.asarray(m, bool), rows.get(_path(path))
+        if not k:
+            return None
+        return m if r is None else np.broadcast_to(m, (max(m.shape[0], int(r.max()) + 1),) + m.shape[1:])[r]
+
+    return jax.tree_util.tree_map_with_path(part, mask, _kept(mask, keep))
 
 
 def _where_mask(mask):

@@ -252,10 +252,10 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
         frozen_below = 0
     else:
         lora = None
-        keep = components.trained_leaves(mask)
-        trainable, frozen = split_trainable(params, mask, keep)
+        keep, rows = components.trained_leaves(mask), components.trained_rows(mask, model.cfg.n_layers)
+        trainable, frozen = split_trainable(params, mask, keep, rows)
         trainable = jax.tree.map(jnp.copy, trainable)  # train_step donates it; model.params stay valid
-        tmask = trainable_part(mask, keep)
+        tmask = trainable_part(mask, keep, rows)
         frozen_below = components.frozen_prefix(mask, model.cfg.n_layers)
     if not jax.tree.leaves(trainable):
         raise JaxeditError("the mask selects no parameter: pick a localization with at least one component")

@@ -192,6 +192,32 @@ def lowest_trained_layer(mask: dict, n_layers: int) -> int:
     return lowest
 
 
+def trained_rows(mask: dict, n_layers: int) -> dict[tuple[str, ...], np.ndarray]:
+    """{leaf path: layer rows [k] int32} for the matrices of each trained group ('attn', 'mlp') that a train step
+    may hold and update as a slice of the layer stack (`optim.split_trainable`) instead of whole.
+
+    The rows are the layers with a True entry in any matrix of the group, padded with the lowest other layers
+    (whose mask is False there, so they keep their bits) to a power of two k ≤ n_layers / 2: a sweep's
+    localizations then have a handful of trainable shapes (compiled steps), the rows being data. A group that
+    touches more layers, or whose mask broadcasts one entry over all layers, is absent (it trains whole).
+    """
+    out = {}
+    for group, names in (("attn", ATTN), ("mlp", MLP)):
+        leaves = {name: np.asarray(m, bool) for name, m in mask.get("layers", {}).get(group, {}).items()
+                  if name in names}
+        trained = [m for m in leaves.values() if m.any()]
+        if not trained or any(m.shape[0] != n_layers for m in trained):
+            continue
+        used = sorted({int(layer) for m in trained for layer in np.flatnonzero(m.reshape(n_layers, -1).any(axis=1))})
+        k = 1 << (len(used) - 1).bit_length()
+        if k > n_layers // 2:
+            continue
+        rows = np.array(sorted(used + [layer for layer in range(n_layers) if layer not in used][:k - len(used)]),
+                        np.int32)
+        out |= {("layers", group, name): rows for name in leaves}
+    return out
+
+
 def frozen_prefix(mask: dict, n_layers: int) -> int:
     """How many bottom layers a train step may run without a backward pass: `lowest_trained_layer`
     rounded down to a multiple of max(2, ⌈n_layers/4⌉) (it is a static argument, so a sweep builds at
