@@ -57,7 +57,7 @@ class LayerSlice:
 
 
 def _on_devices_of(x, rows: np.ndarray) -> jax.Array:
-    """rows as an int32 array on the devices `x` lives on (replicated over its mesh when it has one)."""
+    """rows [k] int32 as an array on the devices `x` lives on (replicated over its mesh when it has one)."""
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding):
         return jax.device_put(rows, NamedSharding(sharding.mesh, PartitionSpec()))
@@ -82,11 +82,11 @@ def split_trainable(params, mask, keep=None, rows=None) -> tuple[dict, dict]:
 
     def trainable(path, p, k):
         r = rows.get(_path(path))
-        return p[np.asarray(r)] if r is not None else p if k else None
+        return p[r] if r is not None else p if k else None
 
     def frozen(path, p, k):
         r = rows.get(_path(path))
-        return LayerSlice(p, _on_devices_of(p, np.asarray(r, np.int32))) if r is not None else None if k else p
+        return LayerSlice(p, _on_devices_of(p, r)) if r is not None else None if k else p
 
     return (jax.tree_util.tree_map_with_path(trainable, params, kept),
             jax.tree_util.tree_map_with_path(frozen, params, kept))
@@ -107,7 +107,7 @@ def trainable_part(mask, keep=None, rows=None) -> dict:
         m, r = np.asarray(m, bool), rows.get(_path(path))
         if not k:
             return None
-        return m if r is None else np.broadcast_to(m, (max(m.shape[0], int(r.max()) + 1),) + m.shape[1:])[r]
+        return m if r is None or m.shape[0] == 1 else m[r]  # a [1,…] mask broadcasts over the k rows too
 
     return jax.tree_util.tree_map_with_path(part, mask, _kept(mask, keep))
 
