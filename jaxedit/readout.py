@@ -25,6 +25,7 @@ from jaxedit.tokenizer import pad
 
 RESIDUALS = ("resid_pre", "resid_post")
 LOGIT_READS = ("logits", "candidates", "log_probs", "top")
+FINAL = "final"
 
 
 def read(params, cfg, tokens, mask, reads: tuple[str, ...], positions=None, columns=None, ids=None,
@@ -33,7 +34,8 @@ def read(params, cfg, tokens, mask, reads: tuple[str, ...], positions=None, colu
 
     reads (any of): 'logits' [B,P,V]; 'candidates' [B,P,C] float32 softmax over the logits of token
     columns [C]; 'log_probs' [B,P,C] full-vocabulary float32 log-probs of token ids [B,C] and 'top'
-    [B,P] their argmax token; 'resid_pre' / 'resid_post' [L,B,P,D] of every layer. embed_hook: a
+    [B,P] their argmax token; 'resid_pre' / 'resid_post' [L,B,P,D] of every layer; 'final' [B,P,D] the
+    residual after the last layer, before the final norm (`core.unembed` of it gives 'logits'). embed_hook: a
     function of the raw embedding rows [B,T,D] (`core.embed`). Only the read positions are unembedded.
     frozen_below: no backward below that layer (`core.run_layers`). prefix [S]: token ids every row
     starts with, left out of tokens (`core.forward_shared_prefix`; logit reads only, positions index tokens).
@@ -41,15 +43,20 @@ def read(params, cfg, tokens, mask, reads: tuple[str, ...], positions=None, colu
     positions = core.last_positions(mask) if positions is None else positions
     capture = tuple(s for s in RESIDUALS if s in reads)
     if prefix is None:
-        logits, cache = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=positions,
-                                     capture=capture, remat=remat, embed_hook=embed_hook,
-                                     frozen_below=frozen_below)
+        final, cache = core.forward(params, tokens, cfg, attention_mask=mask, logit_positions=positions,
+                                    capture=capture, remat=remat, embed_hook=embed_hook,
+                                    frozen_below=frozen_below, unembedded=False)
     elif capture or embed_hook is not None:
-        raise JaxeditError("a shared-prefix read gives logit reads only (no residuals, no embedding hook)")
+        raise JaxeditError("a shared-prefix read gives logit and final reads only (no residuals, no embedding hook)")
     else:
-        logits, cache = core.forward_shared_prefix(params, cfg, prefix, tokens, mask, positions, remat,
-                                                   frozen_below), {}
+        final, cache = core.forward_shared_prefix(params, cfg, prefix, tokens, mask, positions, remat,
+                                                  frozen_below, unembedded=False), {}
     out = {s: jnp.take_along_axis(cache[s], positions[None, :, :, None], axis=2) for s in capture}
+    if FINAL in reads:
+        out[FINAL] = final
+    if not set(LOGIT_READS) & set(reads):
+        return out
+    logits = core.unembed(cfg, params, final)
     if "logits" in reads:
         out["logits"] = logits
     if "candidates" in reads:

@@ -43,6 +43,10 @@ def test_reads_equal_full_forward(batch):
     for site in ("resid_pre", "resid_post"):
         expected = np.asarray(cache[site])[:, np.arange(3)[:, None], np.asarray(positions)]
         np.testing.assert_allclose(got[site], expected, atol=1e-5)
+    final = read_jit(params, CFG, tokens, mask, ("final",), positions)["final"]  # [B,P,D], not unembedded
+    np.testing.assert_allclose(final, np.asarray(cache["resid_post"])[-1, np.arange(3)[:, None], np.asarray(positions)],
+                               atol=1e-5)
+    assert set(read_jit(params, CFG, tokens, mask, ("final",), positions)) == {"final"}
 
 
 def test_resid_at_batches_rows_like_one_batch(batch):
@@ -103,6 +107,8 @@ def test_shared_prefix_forward_equals_the_full_rows():
         return read(p, CFG, whole, whole_mask, ("logits",), frozen_below=frozen_below)["logits"]
 
     np.testing.assert_allclose(shared(params), full(params), atol=1e-5)
+    final = read(params, CFG, rest, mask, ("final",), prefix=prefix)["final"]  # the residual the logits unembed
+    np.testing.assert_allclose(core.unembed(CFG, params, final), full(params), atol=1e-5)
     assert np.asarray(last)[:, 0].tolist() == [3, 1, 0]
     loss = lambda p, f: (f(p) ** 2).sum()  # noqa: E731
     for frozen_below in (0, 1):  # 1: no gradient below layer 1 (the tied embedding still gets the unembedding's)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxedit.models import core
-from jaxedit.readout import read
+from jaxedit.readout import FINAL, read
 
 UNLEARN_THRESHOLD = -5.0
 
@@ -69,21 +69,35 @@ def kl_loss(reference_logits: jax.Array, logits: jax.Array, attention_mask: jax.
     return (kl * real).sum() / jnp.maximum(real.sum(), 1.0)
 
 
-def last_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False,
-                frozen_below: int = 0, prefix: jax.Array | None = None) -> jax.Array:
-    """Logits [B,V] after each prompt, unembedding only the last real position (`readout.read`).
+def last_residuals(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False,
+                   frozen_below: int = 0, prefix: jax.Array | None = None) -> jax.Array:
+    """The final residual [B,D] at each prompt's last real position (`readout.read`); `core.unembed` of it
+    gives `last_logits`.
 
     frozen_below: no backward below that layer (`core.run_layers`). prefix [S]: ids every prompt starts
     with, left out of tokens (`core.forward_shared_prefix`)."""
-    return read(params, cfg, tokens, attention_mask, ("logits",), remat=remat,
-                frozen_below=frozen_below, prefix=prefix)["logits"][:, 0]
+    return read(params, cfg, tokens, attention_mask, (FINAL,), remat=remat,
+                frozen_below=frozen_below, prefix=prefix)[FINAL][:, 0]
+
+
+def last_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array, remat: bool = False,
+                frozen_below: int = 0, prefix: jax.Array | None = None) -> jax.Array:
+    """Logits [B,V] after each prompt, unembedding only the last real position; arguments as in `last_residuals`."""
+    return core.unembed(cfg, params, last_residuals(params, cfg, tokens, attention_mask, remat, frozen_below, prefix))
+
+
+def next_token_residuals(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array,
+                         remat: bool = False, frozen_below: int = 0) -> jax.Array:
+    """The final residual [B,T-1,D] at positions 0..T-2 (the ones with a next token); frozen_below as in
+    `last_residuals`."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t - 1)[None], (b, t - 1))
+    final, _ = core.forward(params, tokens, cfg, attention_mask=attention_mask, logit_positions=positions,
+                            remat=remat, frozen_below=frozen_below, unembedded=False)
+    return final
 
 
 def next_token_logits(params: dict, cfg, tokens: jax.Array, attention_mask: jax.Array,
                       remat: bool = False, frozen_below: int = 0) -> jax.Array:
-    """Logits [B,T-1,V] at positions 0..T-2 (the ones with a next token); frozen_below as in `last_logits`."""
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t - 1)[None], (b, t - 1))
-    logits, _ = core.forward(params, tokens, cfg, attention_mask=attention_mask, logit_positions=positions,
-                             remat=remat, frozen_below=frozen_below)
-    return logits
+    """Logits [B,T-1,V] at positions 0..T-2; arguments as in `next_token_residuals`."""
+    return core.unembed(cfg, params, next_token_residuals(params, cfg, tokens, attention_mask, remat, frozen_below))

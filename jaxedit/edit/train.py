@@ -31,6 +31,7 @@ from jaxedit.edit.lora import apply_lora, init_lora, side_params
 from jaxedit.edit.optim import AdamWSpec, apply_masked_updates, merge, split_trainable, trainable_part
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import components
+from jaxedit.models import core
 from jaxedit.models.registry import paper_model
 from jaxedit.sharding import on_data
 
@@ -137,8 +138,8 @@ def _forget_key(batch: dict, objective: Objective) -> str:
     return "forget_true"
 
 
-def _prompt_logits(params, cfg, batches: dict, remat: bool, frozen_below: int) -> dict:
-    """{name: (batch, last-position logits [B,V])} of prompt batches {name: {'tokens' [B,T], 'mask' [B,T], …}}.
+def _prompt_residuals(params, cfg, batches: dict, remat: bool, frozen_below: int) -> dict:
+    """{name: final residual [B,D] at the last position} of prompt batches {name: {'tokens' [B,T], 'mask' [B,T], …}}.
 
     Batches of one length T and one shared 'prefix' [S] (`PromptBatches`) run as one forward over their
     stacked rows (rows do not interact, and a wider matmul runs closer to the roof); the others alone."""
@@ -150,10 +151,24 @@ def _prompt_logits(params, cfg, batches: dict, remat: bool, frozen_below: int) -
     for names in groups.values():
         tokens = jnp.concatenate([batches[n]["tokens"] for n in names])
         mask = jnp.concatenate([batches[n]["mask"] for n in names])
-        logits = losses.last_logits(params, cfg, tokens, mask, remat, frozen_below, batches[names[0]].get("prefix"))
-        starts = np.cumsum([0] + [batches[n]["tokens"].shape[0] for n in names])
-        out |= {n: (batches[n], logits[a:b]) for n, a, b in zip(names, starts[:-1], starts[1:])}
+        final = losses.last_residuals(params, cfg, tokens, mask, remat, frozen_below, batches[names[0]].get("prefix"))
+        out |= _split(final, {n: batches[n]["tokens"].shape[:1] for n in names})
     return out
+
+
+def _split(rows: jax.Array, shapes: dict[str, tuple[int, ...]]) -> dict[str, jax.Array]:
+    """{name: rows [*shape, …]}: consecutive rows [N, …] of `rows` reshaped, in the order of `shapes`."""
+    sizes = [int(np.prod(shape)) for shape in shapes.values()]
+    starts = np.cumsum([0] + sizes)
+    return {n: rows[a:b].reshape(*shape, *rows.shape[1:])
+            for (n, shape), a, b in zip(shapes.items(), starts[:-1], starts[1:])}
+
+
+def _unembed_together(params, cfg, finals: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """{name: logits [..., V]} of final residuals {name: [..., D]}, as one unembedding of all their rows
+    (the [V, D] table is read once a pass, not once per term)."""
+    rows = jnp.concatenate([f.reshape(-1, f.shape[-1]) for f in finals.values()])
+    return _split(core.unembed(cfg, params, rows), {n: f.shape[:-1] for n, f in finals.items()})
 
 
 def loss_terms(trainable, frozen, batch: dict, cfg, objective: Objective, coefs: dict, lora: LoraSpec | None = None,
@@ -161,28 +176,31 @@ def loss_terms(trainable, frozen, batch: dict, cfg, objective: Objective, coefs:
     """(total loss, {term: value}) of one batch: the sum of coefs[term] · term over `objective.terms`.
 
     frozen_below: no backward runs through the layers below it (`core.run_layers`); at most the lowest
-    layer that can train (`components.frozen_prefix`)."""
+    layer that can train (`components.frozen_prefix`). The prompt terms' and the general-text term's rows
+    are unembedded together (`_unembed_together`)."""
     params = full_params(trainable, frozen, lora)
+    prompt_batches = {name: batch[key] for name, key in (("forget", _forget_key(batch, objective)),
+                                                         ("maintain", "maintain"))
+                      if key in batch and name in objective.terms}
+    finals = _prompt_residuals(params, cfg, prompt_batches, remat, frozen_below)
+    text = batch["lm"] if "lm" in batch and {"lm", "kl"} & set(objective.terms) else None
+    if text is not None:
+        finals["text"] = losses.next_token_residuals(params, cfg, text["tokens"], text["mask"], remat, frozen_below)
+    logits = _unembed_together(params, cfg, finals) if finals else {}
     terms = {}
-    prompt_terms = {name: batch[key] for name, key in (("forget", _forget_key(batch, objective)),
-                                                       ("maintain", "maintain"))
-                    if key in batch and name in objective.terms}
-    for name, (b, logits) in _prompt_logits(params, cfg, prompt_terms, remat, frozen_below).items():
+    for name, b in prompt_batches.items():
         if name == "forget" and objective.unlearn:
-            terms[name] = losses.log1m_p_loss(logits, b["target"], b.get("weight"), objective.threshold)
+            terms[name] = losses.log1m_p_loss(logits[name], b["target"], b.get("weight"), objective.threshold)
         else:
-            terms[name] = losses.cross_entropy(logits, b["target"], b.get("weight"))
-    if "lm" in batch and {"lm", "kl"} & set(objective.terms):
-        b = batch["lm"]
-        logits = losses.next_token_logits(params, cfg, b["tokens"], b["mask"], remat, frozen_below)
-        if "lm" in objective.terms:
-            terms["lm"] = losses.lm_loss(logits, b["tokens"], b["mask"])
-        if "kl" in objective.terms:
-            if reference is None:
-                raise JaxeditError("a KL term needs the original trainable values: pass reference=")
-            original = full_params(jax.lax.stop_gradient(reference), frozen, lora)
-            ref_logits = losses.next_token_logits(original, cfg, b["tokens"], b["mask"], remat)
-            terms["kl"] = losses.kl_loss(ref_logits, logits, b["mask"][:, :-1])
+            terms[name] = losses.cross_entropy(logits[name], b["target"], b.get("weight"))
+    if text is not None and "lm" in objective.terms:
+        terms["lm"] = losses.lm_loss(logits["text"], text["tokens"], text["mask"])
+    if text is not None and "kl" in objective.terms:
+        if reference is None:
+            raise JaxeditError("a KL term needs the original trainable values: pass reference=")
+        original = full_params(jax.lax.stop_gradient(reference), frozen, lora)
+        ref_logits = losses.next_token_logits(original, cfg, text["tokens"], text["mask"], remat)
+        terms["kl"] = losses.kl_loss(ref_logits, logits["text"], text["mask"][:, :-1])
     if not terms:
         raise JaxeditError(f"the batch has no term with a nonzero coefficient (keys {sorted(batch)}, "
                            f"terms {objective.terms}): add a term or raise its coefficient")

@@ -399,13 +399,15 @@ def forward(
     remat: bool = False,
     embed_hook=None,
     frozen_below: int = 0,
+    unembedded: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Logits and captured activations of a (padded) batch.
 
     tokens: [B,T] int. attention_mask: [B,T] (default all ones). logit_positions: [B,P] int
     indices to unembed (default: all T positions). edits: {site: SiteEdit}; capture: site names.
     embed_hook: a function of the raw embedding rows (see `embed`). frozen_below: see `run_layers`.
-    Returns (logits [B,P,V] or [B,T,V], {site: [L,B,T,...] or [B,T,D] for `embed`}).
+    Returns (logits [B,P,V] or [B,T,V], {site: [L,B,T,...] or [B,T,D] for `embed`}); with
+    unembedded=False the final residual [B,P,D] or [B,T,D] in place of the logits (`unembed` of it).
     """
     check_sites(capture, "capture")
     edits = validate_edits(edits, cfg.n_layers)
@@ -419,7 +421,7 @@ def forward(
     cache.update(captured)
     if logit_positions is not None:
         x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
-    return unembed(cfg, params, x), cache
+    return (unembed(cfg, params, x) if unembedded else x), cache
 
 
 def forward_shared_prefix(
@@ -431,8 +433,10 @@ def forward_shared_prefix(
     logit_positions: jax.Array,
     remat: bool = False,
     frozen_below: int = 0,
+    unembedded: bool = True,
 ) -> jax.Array:
-    """Logits [B,P,V] of the rows prefix + tokens[b], unembedded at logit_positions [B,P] (indices into tokens).
+    """Logits [B,P,V] of the rows prefix + tokens[b], unembedded at logit_positions [B,P] (indices into tokens);
+    with unembedded=False the final residual [B,P,D] there instead.
 
     prefix [S]: token ids every row starts with (a prompt template's shared head); its layers run
     once for the batch and every row attends to its keys and values, so a layer costs S + B·T
@@ -464,7 +468,8 @@ def forward_shared_prefix(
         scanned = jax.tree.map(lambda a: a[frozen_below:], scanned)
         carry = jax.lax.stop_gradient(carry)
     (_, x), _ = jax.lax.scan(body, carry, scanned)
-    return unembed(cfg, params, jnp.take_along_axis(x, logit_positions[..., None], axis=1))
+    x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
+    return unembed(cfg, params, x) if unembedded else x
 
 
 def last_positions(attention_mask: jax.Array) -> jax.Array:
