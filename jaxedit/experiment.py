@@ -110,7 +110,7 @@ def build_localization(model, name: str, scores: Mapping, seed: int = 0, rule: s
     return locs[name]
 
 
-def _batches(model, task: Task, forget: list, prepared: Prepared, settings: Settings, seed: int):
+def edit_batches(model, task: Task, forget: list, prepared: Prepared, settings: Settings, seed: int):
     """Micro-batch i of the edit: forget + maintain prompts (+ 'lm' general text when an LM/KL term is on)."""
     t = settings.train
     n_batches = t.steps * t.accumulate
@@ -136,7 +136,7 @@ def edit(model, task: Task, prepared: Prepared, masks: list, settings: Settings,
     params = model.params
     for p, (facts, mask) in enumerate(zip(partitions, masks)):
         ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / f"partition{p}"
-        params = train(model, mask, _batches(model, task, list(facts), prepared, settings, seed), settings.train,
+        params = train(model, mask, edit_batches(model, task, list(facts), prepared, settings, seed), settings.train,
                        seed=seed, progress=False, init_params=params, checkpoint_dir=ckpt)
     return params
 

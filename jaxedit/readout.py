@@ -38,7 +38,8 @@ def read(params, cfg, tokens, mask, reads: tuple[str, ...], positions=None, colu
     residual after the last layer, before the final norm (`core.unembed` of it gives 'logits'). embed_hook: a
     function of the raw embedding rows [B,T,D] (`core.embed`). Only the read positions are unembedded.
     frozen_below: no backward below that layer (`core.run_layers`). prefix [S]: token ids every row
-    starts with, left out of tokens (`core.forward_shared_prefix`; logit reads only, positions index tokens).
+    starts with, left out of tokens (`core.forward_shared_prefix`; logit and final reads only, positions
+    index tokens).
     """
     positions = core.last_positions(mask) if positions is None else positions
     capture = tuple(s for s in RESIDUALS if s in reads)

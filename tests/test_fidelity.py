@@ -197,7 +197,7 @@ def test_side_effects_score_held_out_windows_and_the_lm_term_trains_on_the_other
     settings = experiment.Settings(train=TrainSettings(steps=3, batch_size=2, accumulate=2),
                                    general_text=GeneralTextSettings(corpus=str(path), n=4, n_eval=3, ctx=12))
     general = text.general_text(tiny, settings.general_text, seed=0)
-    batches = experiment._batches(tiny, task, split.forget, experiment.Prepared(split, [{}], {}, general), settings, 0)
+    batches = experiment.edit_batches(tiny, task, split.forget, experiment.Prepared(split, [{}], {}, general), settings, 0)
     train_rows = {tuple(r) for r in general.train[0]}
     held_rows = {tuple(r) for r in general.held_out[0]}
     assert not train_rows & held_rows
