@@ -23,8 +23,8 @@ import jaxedit
 from benchmarks import suite
 from jaxedit import experiment
 from jaxedit.compilation import use_persistent_cache
-from jaxedit.edit.optim import AdamWSpec, split_trainable, trainable_part
-from jaxedit.edit.train import train_step
+from jaxedit.edit.optim import AdamWSpec
+from jaxedit.edit.train import split_for_training, train_step
 from jaxedit.localize import components
 from jaxedit.models.registry import cache_dir
 from jaxedit.sweep import runner
@@ -55,14 +55,13 @@ def main(argv=None) -> int:
     for name in args.localizations:
         settings = runner.unit_settings(config, units[name])
         mask = experiment.build_localization(model, name, prepared.scores[0], seed=0).mask
-        keep, rows = components.trained_leaves(mask), components.trained_rows(mask, model.cfg.n_layers)
-        trainable, frozen = split_trainable(model.params, mask, keep, rows)
+        trainable, frozen, tmask = split_for_training(model.params, mask, model.cfg.n_layers)
         batch = experiment.edit_batches(model, task, list(prepared.split.forget), prepared, settings, seed=0)(0)
         t = settings.train
         optimizer = AdamWSpec(t.steps, t.warmup, t.weight_decay, t.clip_norm, t.accumulate)
         state = {"trainable": jax.tree.map(jax.numpy.copy, trainable)}  # train_step donates it
         state["opt"] = optimizer.init(state["trainable"])
-        weights, tmask = t.loss_weights(), trainable_part(mask, keep, rows)
+        weights = t.loss_weights()
         frozen_below = components.frozen_prefix(mask, model.cfg.n_layers)
 
         def step():

@@ -239,6 +239,15 @@ def train_step(trainable, frozen, opt_state, batch, cfg, loss_weights: LossWeigh
                        remat=remat, frozen_below=frozen_below)
 
 
+def split_for_training(params, mask, n_layers: int) -> tuple[dict, dict, dict]:
+    """(trainable, frozen, trainable mask) of params for a localization's mask, as `train` holds them: the
+    leaves the mask touches (`components.trained_leaves`), a stacked matrix trained in a few layers as those
+    rows (`components.trained_rows`), and the mask restricted to that half (`optim.trainable_part`)."""
+    keep, rows = components.trained_leaves(mask), components.trained_rows(mask, n_layers)
+    trainable, frozen = split_trainable(params, mask, keep, rows)
+    return trainable, frozen, trainable_part(mask, keep, rows)
+
+
 def _cast(params, dtype: str):
     dtype = jnp.dtype(dtype)
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
@@ -270,10 +279,8 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
         frozen_below = 0
     else:
         lora = None
-        keep, rows = components.trained_leaves(mask), components.trained_rows(mask, model.cfg.n_layers)
-        trainable, frozen = split_trainable(params, mask, keep, rows)
+        trainable, frozen, tmask = split_for_training(params, mask, model.cfg.n_layers)
         trainable = jax.tree.map(jnp.copy, trainable)  # train_step donates it; model.params stay valid
-        tmask = trainable_part(mask, keep, rows)
         frozen_below = components.frozen_prefix(mask, model.cfg.n_layers)
     if not jax.tree.leaves(trainable):
         raise JaxeditError("the mask selects no parameter: pick a localization with at least one component")

@@ -3,7 +3,7 @@
 `jax.eval_shape` of `init_params` and of the optimizer's `init` gives every leaf's shape and dtype
 (no weights are allocated); each leaf's per-device share is its `NamedSharding.shard_shape`. The
 mesh may be a real `Mesh` or an `AbstractMesh` of any size. Gradients and optimizer state exist
-only for trainable leaves, as `edit.train` splits them (`edit.optim.split_trainable`: a leaf with any
+only for trainable leaves, as `edit.train` splits them (`edit.train.split_for_training`: a leaf with any
 True mask entry is kept, whole, or as the rows of the few layers it trains, `components.trained_rows`).
 Activations are not counted.
 """
@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
-from jaxedit.edit.optim import AdamWSpec, split_trainable, trainable_part
+from jaxedit.edit.optim import AdamWSpec
+from jaxedit.edit.train import split_for_training
 from jaxedit.errors import JaxeditError
-from jaxedit.localize.components import count_trainable, trained_leaves, trained_rows
+from jaxedit.localize.components import count_trainable
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.params import init_params
 from jaxedit.sharding.mesh import DEFAULT_RULES, like, opt_state_shardings, param_shardings, param_specs
@@ -55,12 +56,11 @@ def memory_report(cfg: ModelConfig, mesh: Mesh | AbstractMesh, *, dtype="bfloat1
     notes = param_specs(cfg, mesh, rules)[1]
     if trainable_mask is None:
         trainable_mask = jax.tree.map(lambda x: np.ones((1,) * x.ndim, bool), abstract)
-    keep, layer_rows = trained_leaves(trainable_mask), trained_rows(trainable_mask, cfg.n_layers)  # as `edit.train`
-    trainable = jax.eval_shape(lambda p: split_trainable(p, trainable_mask, keep, layer_rows)[0], abstract)
+    trainable = jax.eval_shape(lambda p: split_for_training(p, trainable_mask, cfg.n_layers)[0], abstract)
     rows = {"params": _bytes(abstract, shardings), "grads": (0, 0), "opt_state": (0, 0)}
     if optimizer == "adamw":
         rows["grads"] = _bytes(trainable, like(trainable, shardings))
-        opt = AdamWSpec(accumulate=accumulate)(trainable_part(trainable_mask, keep, layer_rows), 1e-5)
+        opt = AdamWSpec(accumulate=accumulate)(None, 1e-5)  # the state's structure does not depend on the mask
         state = jax.eval_shape(opt.init, trainable)
         rows["opt_state"] = _bytes(state, opt_state_shardings(opt, state, like(trainable, shardings)))
     rows["total"] = tuple(sum(r[i] for r in rows.values()) for i in (0, 1))
