@@ -10,7 +10,7 @@ import pytest
 
 from jaxedit import Model
 from jaxedit.compilation import CompileCounter
-from jaxedit.edit import losses
+from jaxedit.edit import checkpoints, losses
 from jaxedit.edit.lora import apply_lora, init_lora
 from jaxedit.edit.optim import AdamWSpec, cosine_schedule, masked_adamw, merge, split_trainable, trainable_part
 from jaxedit.edit.train import LoraSpec, LossWeights, TrainSettings, loss_terms, preset, train, train_step
@@ -425,6 +425,23 @@ def test_training_resumes_from_its_checkpoint(model, batch, tmp_path):
                     on_step=lambda step, _: steps_run.append(step))
     assert steps_run == [2, 3, 4]  # optimizer steps 3, 4 and 5 (0-based)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, whole), jax.tree.map(np.asarray, resumed))
+
+
+def test_checkpoint_writer_commits_the_last_save_and_reports_a_failed_write(tmp_path):
+    """Writes run behind the caller: leaving the block leaves the last step alone, with the values saved (the
+    arrays changed after `save`); a write that fails raises on the caller's thread."""
+    state = {"w": jnp.arange(4.0)}
+    with checkpoints.Writer(tmp_path) as writer:
+        writer.save(1, state, {})
+        writer.save(2, {"w": state["w"] + 1}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
+    step, restored, _ = checkpoints.restore_latest(tmp_path, {"w": jnp.zeros(4)}, {})
+    assert step == 2 and np.array_equal(restored["w"], np.arange(4.0) + 1)
+    (tmp_path / "file").write_text("not a folder")
+    writer = checkpoints.Writer(tmp_path / "file" / "ckpt")
+    writer.save(1, state, {})
+    with pytest.raises(OSError):
+        writer.wait()
 
 
 def test_trained_rows_by_hand():

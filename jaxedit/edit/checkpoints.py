@@ -3,7 +3,8 @@
 `<dir>/step_<n>/state.npz` holds the tree's leaves (host numpy, in `jax.tree.leaves` order); the
 folder is filled under a temporary name and renamed into place when complete (`io.staged`), so a
 `step_<n>` folder is committed and a kill mid-save leaves the previous one intact; older steps are
-removed after a save. Values come back with the dtypes and shardings of the arrays they replace.
+removed after a save. `Writer` saves on a background thread, so training does not wait for the
+disk. Values come back with the dtypes and shardings of the arrays they replace.
 Each process writes only its own arrays, so every process of a multi-process run checkpoints its
 own units (orbax cannot: it writes numpy leaves only from process 0 and refuses process-local
 arrays there). Saves and restores are noted on the `jaxedit` logger (DEBUG and INFO).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import jax
@@ -32,10 +34,55 @@ def _steps(directory: Path) -> list[int]:
                   if p.name.removeprefix("step_").isdigit() and (p / STATE).is_file())
 
 
-def save(directory: str | Path, step: int, trainable, opt_state) -> None:
-    """Checkpoint `(trainable, opt_state)` after optimizer step `step`."""
-    directory = Path(directory)
-    leaves = jax.tree.leaves(jax.device_get({"trainable": trainable, "opt_state": opt_state}))
+class Writer:
+    """Checkpoints of one training run in `directory`, written on a background thread, one at a time.
+
+    `save` takes a host copy of the state at once (train_step donates the arrays) and returns; the
+    file is written and committed behind it while training goes on. Leaving the `with` block waits
+    for the last write and re-raises its error, if any. A kill mid-write leaves the previous checkpoint.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory, self._thread, self._error = Path(directory), None, None
+
+    def save(self, step: int, trainable, opt_state) -> None:
+        """Checkpoint `(trainable, opt_state)` after optimizer step `step`."""
+        self.wait()
+        leaves = _host_copy(trainable, opt_state)
+        self._thread = threading.Thread(target=self._run, args=(step, leaves), name="jaxedit-checkpoint")
+        self._thread.start()
+
+    def _run(self, step: int, leaves: list[np.ndarray]) -> None:
+        try:
+            _write(self.directory, step, leaves)
+        except BaseException as err:  # re-raised on the training thread by `wait`
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until the pending write is committed; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.wait()
+        elif self._thread is not None:  # training failed or was interrupted: finish the write, keep that error
+            self._thread.join()
+
+
+def _host_copy(trainable, opt_state) -> list[np.ndarray]:
+    """The state's leaves as host numpy arrays that own their memory (`jax.tree.leaves` order)."""
+    return [np.array(x) for x in jax.tree.leaves({"trainable": trainable, "opt_state": opt_state})]
+
+
+def _write(directory: Path, step: int, leaves: list[np.ndarray]) -> None:
     with staged(directory / f"step_{step}", directory=True, keep_existing=True) as tmp:
         with (tmp / STATE).open("wb") as f:
             np.savez(f, *leaves)

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxedit.errors import JaxeditError
+from jaxedit.models.trained_rows import TrainedRows
 
 
 def _is_none(x) -> bool:
@@ -53,7 +54,7 @@ class LayerSlice:
 
     def put(self, trained: jax.Array) -> jax.Array:
         """`full` with `rows` replaced by trained [k,…] (the gradient w.r.t. trained is that of those rows)."""
-        return self.full.at[self.rows].set(trained.astype(self.full.dtype), unique_indices=True)
+        return TrainedRows(self.full, self.rows, trained).merged()
 
 
 def _on_devices_of(x, rows: np.ndarray) -> jax.Array:
@@ -96,6 +97,13 @@ def merge(trainable, frozen) -> dict:
     """The full params tree back from `split_trainable`'s halves."""
     return jax.tree.map(lambda t, f: f if t is None else f.put(t) if isinstance(f, LayerSlice) else t,
                         trainable, frozen, is_leaf=_is_none)
+
+
+def loss_params(trainable, frozen) -> dict:
+    """The params tree the loss differentiates: `merge`, except that a leaf held by its trained rows stays a
+    `TrainedRows` (the model's layer scan differentiates it without forming the [L,…] weight gradient)."""
+    return jax.tree.map(lambda t, f: f if t is None else TrainedRows(f.full, f.rows, t)
+                        if isinstance(f, LayerSlice) else t, trainable, frozen, is_leaf=_is_none)
 
 
 def trainable_part(mask, keep=None, rows=None) -> dict:

@@ -14,6 +14,7 @@ One optimizer step is `accumulate` calls of the step (the paper: 16 micro-batche
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from functools import partial
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from jaxedit.edit import checkpoints, losses
 from jaxedit.edit.lora import apply_lora, init_lora, side_params
-from jaxedit.edit.optim import AdamWSpec, apply_masked_updates, merge, split_trainable, trainable_part
+from jaxedit.edit.optim import AdamWSpec, apply_masked_updates, loss_params, merge, split_trainable, trainable_part
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import components
 from jaxedit.models import core
@@ -119,8 +120,9 @@ class TrainSettings:
 
 
 def full_params(trainable, frozen, lora: LoraSpec | None = None) -> dict:
-    """The params the loss sees: merged halves, or the base with the LoRA adapters as side paths."""
-    return side_params(frozen, trainable, lora.alpha, lora.rank) if lora else merge(trainable, frozen)
+    """The params the loss sees: the halves joined (`optim.loss_params`), or the base with the LoRA adapters as
+    side paths."""
+    return side_params(frozen, trainable, lora.alpha, lora.rank) if lora else loss_params(trainable, frozen)
 
 
 def trained_params(trainable, frozen, lora: LoraSpec | None = None) -> dict:
@@ -263,8 +265,8 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
     model's). A fresh optimizer and cosine schedule per call (sequential editing, §4.5, calls this
     once per partition). on_step(step, metrics) after each optimizer step (host sync only then).
     seed: the LoRA adapters' init. checkpoint_dir: the trainable values and optimizer state are saved
-    there (`edit.checkpoints`) every `settings.checkpoint_every` optimizer steps, and a call that finds a
-    checkpoint resumes from it (the batches are a pure function of the micro-step, so the resumed run
+    there (`edit.checkpoints.Writer`, behind training) every `settings.checkpoint_every` optimizer steps,
+    and a call that finds a checkpoint resumes from it (the batches are a pure function of the micro-step, so the resumed run
     equals an uninterrupted one).
     """
     if settings.preset:
@@ -295,20 +297,22 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
     bar = tqdm(range(start * settings.accumulate, steps * settings.accumulate), file=sys.stderr,
                disable=not progress, desc="train", initial=start * settings.accumulate,
                total=steps * settings.accumulate)
-    for i in bar:
-        trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batches_fn(i), model.cfg, weights,
-                                                   optimizer, tmask, settings.lr, reference, lora, settings.remat,
-                                                   frozen_below)
-        if (i + 1) % settings.accumulate:
-            continue
-        step = (i + 1) // settings.accumulate
-        if on_step or progress:
-            metrics = jax.device_get(metrics)
-            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-            if on_step:
-                on_step(step - 1, metrics)
-        if checkpoint_dir is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < steps:
-            checkpoints.save(checkpoint_dir, step, trainable, opt_state)
+    writer = checkpoints.Writer(checkpoint_dir) if checkpoint_dir is not None and settings.checkpoint_every else None
+    with writer or contextlib.nullcontext():
+        for i in bar:
+            trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batches_fn(i), model.cfg, weights,
+                                                       optimizer, tmask, settings.lr, reference, lora, settings.remat,
+                                                       frozen_below)
+            if (i + 1) % settings.accumulate:
+                continue
+            step = (i + 1) // settings.accumulate
+            if on_step or progress:
+                metrics = jax.device_get(metrics)
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+                if on_step:
+                    on_step(step - 1, metrics)
+            if writer and step % settings.checkpoint_every == 0 and step < steps:
+                writer.save(step, trainable, opt_state)
     return trained_params(trainable, frozen, lora)
 
 

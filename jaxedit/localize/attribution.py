@@ -239,6 +239,17 @@ def _f32(a: jax.Array) -> jax.Array:
     return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
+class _Supplied(core.Sites):
+    """Sites that return the given activations {site: [B,T,…]} in place of the computed ones."""
+
+    def __init__(self, acts: dict[str, jax.Array]):
+        super().__init__({}, ())
+        self.acts = acts
+
+    def __call__(self, name: str, act: jax.Array) -> jax.Array:
+        return self.acts.get(name, act)
+
+
 def _qk_delta_z(cfg, params, mask, clean_cache, corrupt_cache) -> dict[str, jax.Array]:
     """Δz [L,B,T,H,E] from each layer's attention recomputed exactly with corrupted q (resp. k), clean v.
 
@@ -255,7 +266,7 @@ def _qk_delta_z(cfg, params, mask, clean_cache, corrupt_cache) -> dict[str, jax.
         def z(q, k):
             acts = {"attn_q": q, "attn_k": k, "attn_v": v}
             unused = jnp.zeros(q.shape[:2] + (cfg.d_model,), q.dtype)  # projections are replaced below
-            return core.attention(cfg, p, unused, ctx, inv_freq, is_local, lambda name, act: acts.get(name, act))
+            return core.attention(cfg, p, unused, ctx, inv_freq, is_local, _Supplied(acts))
 
         base = z(q, k)
         return {"attn_q": z(q_new, k) - base, "attn_k": z(q, k_new) - base}

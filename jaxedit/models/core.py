@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxedit.errors import JaxeditError
 from jaxedit.interventions import EMBED_SITE, SiteEdit, apply_edit, check_sites, validate_edits
 from jaxedit.models.config import ModelConfig
+from jaxedit.models.trained_rows import scan_layers, split_layers
 
 Params = dict
 
@@ -110,16 +111,29 @@ def _rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
 
 
 class Sites:
-    """Applies this layer's edits and records captures, site by site."""
+    """Applies this layer's edits and records captures, site by site; taps layer matrices (`trained_rows`).
 
-    def __init__(self, edits: dict[str, SiteEdit], capture: tuple[str, ...]):
+    taps: {matrix name: tap [..., out…] added to that matrix's output, or None to record without adding}.
+    `inputs` collects each tapped matrix's input (and its output where the tap is None).
+    """
+
+    def __init__(self, edits: dict[str, SiteEdit], capture: tuple[str, ...], taps: dict | None = None):
         self.edits, self.capture, self.captured = edits, capture, {}
+        self.taps, self.inputs = taps or {}, {}
 
     def __call__(self, name: str, act: jax.Array) -> jax.Array:
         act = apply_edit(act, self.edits.get(name))
         if name in self.capture:
             self.captured[name] = act
         return act
+
+    def tap(self, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        """y = x·W of layer matrix `name`, plus its tap if it has one (x recorded in `inputs`)."""
+        if name not in self.taps:
+            return y
+        tap = self.taps[name]
+        self.inputs[name] = (x, y) if tap is None else x
+        return y if tap is None else y + tap.astype(y.dtype)
 
 
 class KeysValues(NamedTuple):
@@ -129,22 +143,23 @@ class KeysValues(NamedTuple):
     v: jax.Array  # [B,S,K,E]
 
 
-def _side(p: dict, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+def _side(p: dict, name: str, x: jax.Array, y: jax.Array, site: Sites) -> jax.Array:
     """y = x·W plus the LoRA side path (x·A)·B of adapter p['lora'][name] if there is one (`lora.side_params`):
-    x [B,T,in axes], A [in,r] (scale folded in), B [r,out]; the merged weight W + A·B is never formed."""
+    x [B,T,in axes], A [in,r] (scale folded in), B [r,out]; the merged weight W + A·B is never formed.
+    Then the matrix's tap, if `site` has one (`Sites.tap`)."""
     adapter = p.get("lora", {}).get(name)
-    if adapter is None:
-        return y
-    flat = x.reshape(x.shape[:2] + (-1,))
-    low = (flat @ adapter["a"].astype(x.dtype)) @ adapter["b"].astype(x.dtype)
-    return y + low.reshape(y.shape).astype(y.dtype)
+    if adapter is not None:
+        flat = x.reshape(x.shape[:2] + (-1,))
+        low = (flat @ adapter["a"].astype(x.dtype)) @ adapter["b"].astype(x.dtype)
+        y = y + low.reshape(y.shape).astype(y.dtype)
+    return site.tap(name, x, y)
 
 
 def _qkv(cfg: ModelConfig, p: dict, x: jax.Array, positions: jax.Array, inv_freq, site: Sites):
     """Queries [B,T,H,E], keys and values [B,T,K,E] of normalized input x [B,T,D] at `positions`."""
-    q = _side(p, "wq", x, jnp.einsum("btd,dhe->bthe", x, p["wq"]))
-    k = _side(p, "wk", x, jnp.einsum("btd,dke->btke", x, p["wk"]))
-    v = _side(p, "wv", x, jnp.einsum("btd,dke->btke", x, p["wv"]))
+    q = _side(p, "wq", x, jnp.einsum("btd,dhe->bthe", x, p["wq"]), site)
+    k = _side(p, "wk", x, jnp.einsum("btd,dke->btke", x, p["wk"]), site)
+    v = _side(p, "wv", x, jnp.einsum("btd,dke->btke", x, p["wv"]), site)
     if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q, k, v = site("attn_q", q), site("attn_k", k), site("attn_v", v)
@@ -167,9 +182,11 @@ def _pre_norm(cfg: ModelConfig, p: dict, x: jax.Array) -> jax.Array:
     return _norm(cfg, p, x) if cfg.pre_norms else x
 
 
-def keys_values(cfg: ModelConfig, lp: dict, x: jax.Array, positions: jax.Array, inv_freq) -> KeysValues:
-    """One layer's keys and values [B,T,K,E] of residual x [B,T,D] (`resid_pre`), unedited."""
-    _, k, v = _qkv(cfg, lp["attn"], _pre_norm(cfg, lp.get("attn_norm"), x), positions, inv_freq, Sites({}, ()))
+def keys_values(cfg: ModelConfig, lp: dict, x: jax.Array, positions: jax.Array, inv_freq,
+                site: Sites | None = None) -> KeysValues:
+    """One layer's keys and values [B,T,K,E] of residual x [B,T,D] (`resid_pre`), unedited (site: for its taps)."""
+    _, k, v = _qkv(cfg, lp["attn"], _pre_norm(cfg, lp.get("attn_norm"), x), positions, inv_freq,
+                   site or Sites({}, ()))
     return KeysValues(k, v)
 
 
@@ -209,18 +226,18 @@ def attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, i
 
 def _mlp(cfg: ModelConfig, p: dict, x: jax.Array, site: Sites) -> jax.Array:
     """MLP of normalized input x [B,T,D] -> [B,T,D]."""
-    up = _side(p, "w_up", x, x @ p["w_up"])
+    up = _side(p, "w_up", x, x @ p["w_up"], site)
     if cfg.mlp_bias:
         up = up + p["b_up"]
     if cfg.gated_mlp:
-        gate = _side(p, "w_gate", x, x @ p["w_gate"])
+        gate = _side(p, "w_gate", x, x @ p["w_gate"], site)
         if cfg.mlp_bias:
             gate = gate + p["b_gate"]
         hidden = _activation(cfg, gate) * up
     else:
         hidden = _activation(cfg, up)
     hidden = site("mlp_hidden", hidden)
-    out = _side(p, "w_down", hidden, hidden @ p["w_down"])
+    out = _side(p, "w_down", hidden, hidden @ p["w_down"], site)
     return out + p["b_down"] if cfg.mlp_bias else out
 
 
@@ -238,7 +255,7 @@ def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_l
     z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site, prefix, rows, at)
     if rows is not None:
         x = jnp.take_along_axis(x, rows[..., None], axis=1)
-    attn_out = _side(lp["attn"], "wo", z, jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"]))
+    attn_out = _side(lp["attn"], "wo", z, jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"]), site)
     if cfg.out_bias:
         attn_out = attn_out + lp["attn"]["bo"]
     if cfg.post_norms:
@@ -293,21 +310,19 @@ def run_layers(
     if frozen_below:
         if layer_edits or layer_capture:
             raise JaxeditError("run_layers(frozen_below=...) is for training graphs: pass no edits or captures with it")
-        part = lambda tree, rows: jax.tree.map(lambda a: a[rows], tree)  # noqa: E731
-        below, above = slice(None, frozen_below), slice(frozen_below, None)
-        x, _ = run_layers(cfg, *jax.lax.stop_gradient((part(layers, below), part(consts, below), x)), ctx, {}, (),
-                          remat)
-        return run_layers(cfg, part(layers, above), part(consts, above), jax.lax.stop_gradient(x), ctx, {}, (), remat)
+        below, above = split_layers(layers, frozen_below)
+        consts_below, consts_above = (jax.tree.map(lambda a: a[rows], consts)
+                                      for rows in (slice(None, frozen_below), slice(frozen_below, None)))
+        x, _ = run_layers(cfg, *jax.lax.stop_gradient((below, consts_below, x)), ctx, {}, (), remat)
+        return run_layers(cfg, above, consts_above, jax.lax.stop_gradient(x), ctx, {}, (), remat)
 
-    def body(x, scanned):
-        lp, inv_freq, is_local, layer_edits = scanned
-        site = Sites(layer_edits, layer_capture)
+    def body(x, lp, scanned, ctx, taps):
+        inv_freq, is_local, layer_edits = scanned
+        site = Sites(layer_edits, layer_capture, taps("x"))
         x = block(cfg, lp, x, ctx, inv_freq, is_local, site)
-        return x, site.captured
+        return x, site.captured, {"x": site.inputs}
 
-    if remat:
-        body = jax.checkpoint(body)
-    return jax.lax.scan(body, x, (layers, consts.inv_freq, consts.is_local, layer_edits))
+    return scan_layers(body, x, layers, (consts.inv_freq, consts.is_local, layer_edits), ctx, remat)
 
 
 def run_from(
@@ -448,26 +463,26 @@ def forward_shared_prefix(
     ctx = make_context(cfg, whole).rows(s)  # rows' queries over prefix + row keys
     prefix_ctx = make_context(cfg, jnp.ones((1, s), jnp.int32))
     carry = (embed(cfg, params, prefix[None], prefix_ctx), embed(cfg, params, tokens, ctx))
-    none = Sites({}, ())
 
-    def body(carry, scanned):
-        head, x = carry
-        lp, inv_freq, is_local = scanned
-        kv = keys_values(cfg, lp, head, prefix_ctx.positions, inv_freq)
+    def body(carry, lp, scanned, contexts, taps):
+        (head, x), (inv_freq, is_local), (ctx, prefix_ctx) = carry, scanned, contexts
+        sites = {label: Sites({}, (), taps(label)) for label in ("kv", "rows", "head")}
+        kv = keys_values(cfg, lp, head, prefix_ctx.positions, inv_freq, sites["kv"])
         kv = KeysValues(*(jnp.broadcast_to(a, (b, *a.shape[1:])) for a in kv))
-        x = block(cfg, lp, x, ctx, inv_freq, is_local, none, prefix=kv)
-        return (block(cfg, lp, head, prefix_ctx, inv_freq, is_local, none), x), None
+        x = block(cfg, lp, x, ctx, inv_freq, is_local, sites["rows"], prefix=kv)
+        head = block(cfg, lp, head, prefix_ctx, inv_freq, is_local, sites["head"])
+        return (head, x), None, {label: site.inputs for label, site in sites.items()}
 
-    if remat:
-        body = jax.checkpoint(body)
     consts = layer_constants(cfg)
-    scanned = (params["layers"], consts.inv_freq, consts.is_local)
+    layers, scanned = params["layers"], (consts.inv_freq, consts.is_local)
     if frozen_below:
-        below = jax.tree.map(lambda a: a[:frozen_below], scanned)
-        carry, _ = jax.lax.scan(body, *jax.lax.stop_gradient((carry, below)))
+        below, layers = split_layers(layers, frozen_below)
+        carry, _ = scan_layers(body, *jax.lax.stop_gradient((carry, below, jax.tree.map(lambda a: a[:frozen_below],
+                                                                                        scanned))),
+                               (ctx, prefix_ctx), remat)
         scanned = jax.tree.map(lambda a: a[frozen_below:], scanned)
         carry = jax.lax.stop_gradient(carry)
-    (_, x), _ = jax.lax.scan(body, carry, scanned)
+    (_, x), _ = scan_layers(body, carry, layers, scanned, (ctx, prefix_ctx), remat)
     x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
     return unembed(cfg, params, x) if unembedded else x
 
