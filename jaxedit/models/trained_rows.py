@@ -73,12 +73,18 @@ def scan_layers(body: Callable, carry, layers: dict, xs, aux, remat: bool = Fals
         lambda path, a: a.merged() if _is_rows(a) and _name(path) not in MATRICES else a, layers, is_leaf=_is_rows)
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(layers, is_leaf=_is_rows)
     leaves = [a for _, a in with_paths]
-    tapped = [i for i, a in enumerate(leaves) if _is_rows(a)]
-    if not tapped:
-        def step(c, s):
-            return body(c, jax.tree.unflatten(treedef, s[0]), s[1], aux, no_taps)[:2]
-        return jax.lax.scan(jax.checkpoint(step) if remat else step, carry, (leaves, xs))
+    if any(_is_rows(a) for a in leaves):
+        return _scan_with_taps(body, carry, with_paths, treedef, xs, aux, remat)
 
+    def step(c, s):
+        return body(c, jax.tree.unflatten(treedef, s[0]), s[1], aux, no_taps)[:2]
+    return jax.lax.scan(jax.checkpoint(step) if remat else step, carry, (leaves, xs))
+
+
+def _scan_with_taps(body: Callable, carry, with_paths: list, treedef, xs, aux, remat: bool):
+    """`scan_layers` of flattened layers (path, leaf) of which some are `TrainedRows` of MATRICES."""
+    leaves = [a for _, a in with_paths]
+    tapped = [i for i, a in enumerate(leaves) if _is_rows(a)]
     others = [i for i in range(len(leaves)) if i not in tapped]
     names = [_name(with_paths[i][0]) for i in tapped]
     rows = [leaves[i].rows for i in tapped]
