@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
+import os
 import sys
 import typing
 
@@ -16,6 +16,7 @@ import yaml
 
 from jaxedit.errors import JaxeditError
 from jaxedit.sweep.config import SweepConfig, load_config, named_configs
+from jaxedit.sweep.interrupts import Interrupted, raised_on_signals
 
 
 def keys(cls=SweepConfig, prefix: str = "") -> dict[str, object]:
@@ -40,18 +41,6 @@ def _epilog() -> str:
             "its last training checkpoint.")
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived; `status` is the exit status (128 + the signal)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.status = 128 + signum
-
-
-def _interrupt(signum, frame):
-    raise Interrupted(signum)
-
-
 def _yaml(value) -> str:
     """A default as it would be written in YAML (null, true, [0, 1])."""
     return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True, width=2**20).strip() \
@@ -71,15 +60,12 @@ def main(argv=None) -> int:
     parser.add_argument("--resume-anyway", action="store_true", help="continue a run directory made by another "
                         "code revision or package set (refused otherwise); the manifest records it")
     args = parser.parse_args(argv)
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run(args)
+        with raised_on_signals():
+            return _run(args)
     except Interrupted as stop:
         print("interrupted: run the same command to resume", file=sys.stderr)
         return stop.status
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _run(args) -> int:
@@ -113,4 +99,9 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status > 128:  # interrupted: leave without tearing down JAX mid-computation (it can crash there)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -1,0 +1,39 @@
+"""A signal whose handler runs inside a garbage-collector callback (where Python drops exceptions)
+still stops the sweep's main thread."""
+
+import gc
+import signal
+import sys
+import time
+
+import pytest
+
+from jaxedit.sweep.interrupts import Interrupted, raised_on_signals
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_handled_inside_a_gc_callback_still_raises_in_the_main_thread(signum, capsys):
+    armed, finished = [True], []
+
+    def callback(phase, info):
+        if phase == "start" and armed:
+            armed.clear()
+            signal.raise_signal(signum)  # its handler runs here, in the callback: the exception is dropped
+            finished.append(sum(range(100)))  # not reached: the handler raised on this line's bytecode
+
+    before, hook = signal.getsignal(signum), sys.unraisablehook
+    gc.callbacks.append(callback)
+    ticks = 0
+    try:
+        with pytest.raises(Interrupted) as stop:
+            with raised_on_signals():
+                gc.collect()
+                assert not finished, "the handler did not run inside the callback"
+                for ticks in range(300):  # the signal comes again during this loop, not at the block's end
+                    time.sleep(0.01)
+    finally:
+        gc.callbacks.remove(callback)
+    assert stop.value.status == 128 + signum
+    assert ticks < 299
+    assert "Interrupted" not in capsys.readouterr().err  # no "Exception ignored" traceback either
+    assert signal.getsignal(signum) is before and sys.unraisablehook is hook  # both restored
