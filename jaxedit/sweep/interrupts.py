@@ -26,14 +26,14 @@ class Interrupted(BaseException):
         self.signum, self.status = signum, 128 + signum
 
 
+def _raise(signum, frame):
+    raise Interrupted(signum)
+
+
 @contextlib.contextmanager
 def raised_on_signals():
     """Inside the block, SIGINT and SIGTERM raise `Interrupted` on the main thread."""
-    retries = []  # timers simulating a signal whose Interrupted was dropped; emptied when one is raised
-
-    def handler(signum, frame):
-        retries.clear()
-        raise Interrupted(signum)
+    retries = []  # timers simulating again a signal whose Interrupted was dropped
 
     def redeliver(unraisable):
         if not isinstance(unraisable.exc_value, Interrupted):
@@ -43,12 +43,12 @@ def raised_on_signals():
         retries.append(retry)
         retry.start()
 
-    previous = {signum: signal.signal(signum, handler) for signum in SIGNALS}
+    previous = {signum: signal.signal(signum, _raise) for signum in SIGNALS}
     previous_hook, sys.unraisablehook = sys.unraisablehook, redeliver
     try:
         yield
-        if retries:  # the block ended before the simulated signal came
-            raise Interrupted(retries[0].args[0])
+        if retries:  # the block ended before a simulated signal came (or its Interrupted was dropped again)
+            raise Interrupted(retries[-1].args[0])
     finally:
         for retry in retries:
             retry.cancel()
