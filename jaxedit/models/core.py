@@ -311,8 +311,7 @@ def run_layers(
         if layer_edits or layer_capture:
             raise JaxeditError("run_layers(frozen_below=...) is for training graphs: pass no edits or captures with it")
         below, above = split_layers(layers, frozen_below)
-        consts_below, consts_above = (jax.tree.map(lambda a: a[rows], consts)
-                                      for rows in (slice(None, frozen_below), slice(frozen_below, None)))
+        consts_below, consts_above = split_layers(consts, frozen_below)
         x, _ = run_layers(cfg, *jax.lax.stop_gradient((below, consts_below, x)), ctx, {}, (), remat)
         return run_layers(cfg, above, consts_above, jax.lax.stop_gradient(x), ctx, {}, (), remat)
 
@@ -477,10 +476,8 @@ def forward_shared_prefix(
     layers, scanned = params["layers"], (consts.inv_freq, consts.is_local)
     if frozen_below:
         below, layers = split_layers(layers, frozen_below)
-        carry, _ = scan_layers(body, *jax.lax.stop_gradient((carry, below, jax.tree.map(lambda a: a[:frozen_below],
-                                                                                        scanned))),
-                               (ctx, prefix_ctx), remat)
-        scanned = jax.tree.map(lambda a: a[frozen_below:], scanned)
+        scanned_below, scanned = split_layers(scanned, frozen_below)
+        carry, _ = scan_layers(body, *jax.lax.stop_gradient((carry, below, scanned_below)), (ctx, prefix_ctx), remat)
         carry = jax.lax.stop_gradient(carry)
     (_, x), _ = scan_layers(body, carry, layers, scanned, (ctx, prefix_ctx), remat)
     x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)

@@ -39,20 +39,18 @@ class TrainedRows:
         """full with the trained rows put in [L,…] (differentiable in trained the usual way)."""
         return self.full.at[self.rows].set(self.trained.astype(self.full.dtype), unique_indices=True)
 
-    def split(self, at: int) -> tuple[jax.Array, TrainedRows]:
-        """(layers below `at` [at,…], the layers from `at` on), for rows that are all >= at."""
-        return self.full[:at], TrainedRows(self.full[at:], self.rows - at, self.trained)
-
 
 def _is_rows(x) -> bool:
     return isinstance(x, TrainedRows)
 
 
-def split_layers(layers: dict, at: int) -> tuple[dict, dict]:
-    """(layers [:at], layers [at:]) of a layer tree that may hold `TrainedRows` (trained at layers >= at only)."""
-    pairs = jax.tree.map(lambda a: a.split(at) if _is_rows(a) else (a[:at], a[at:]), layers, is_leaf=_is_rows)
-    pair = lambda x: isinstance(x, tuple)  # noqa: E731
-    return (jax.tree.map(lambda p: p[0], pairs, is_leaf=pair), jax.tree.map(lambda p: p[1], pairs, is_leaf=pair))
+def split_layers(tree, at: int) -> tuple:
+    """(tree [:at], tree [at:]) of a tree stacked over layers; a `TrainedRows` leaf (trained at layers >= at
+    only) is plain below `at` and keeps its trained rows above."""
+    below = jax.tree.map(lambda a: (a.full if _is_rows(a) else a)[:at], tree, is_leaf=_is_rows)
+    above = jax.tree.map(lambda a: TrainedRows(a.full[at:], a.rows - at, a.trained) if _is_rows(a) else a[at:],
+                         tree, is_leaf=_is_rows)
+    return below, above
 
 
 def no_taps(label: str) -> None:
