@@ -1,6 +1,7 @@
 """Masked training leaves frozen parameters bit-identical; losses equal numpy; LoRA touches only adapters."""
 
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -442,6 +443,29 @@ def test_checkpoint_writer_commits_the_last_save_and_reports_a_failed_write(tmp_
     writer.save(1, state, {})
     with pytest.raises(OSError):
         writer.wait()
+
+
+def test_checkpoint_writer_finishes_its_write_when_leaving_is_interrupted(tmp_path, monkeypatch):
+    """A signal that lands while leaving the block waits for the write (inside `wait`) still lets the write
+    finish before the exception goes on: nothing is written after the caller has stopped."""
+    write = checkpoints._write
+
+    def slow_write(*args):
+        time.sleep(0.3)
+        write(*args)
+
+    class Stop(BaseException):
+        pass
+
+    def interrupted_wait():
+        raise Stop
+
+    monkeypatch.setattr(checkpoints, "_write", slow_write)
+    with pytest.raises(Stop):
+        with checkpoints.Writer(tmp_path) as writer:
+            writer.save(1, {"w": jnp.arange(4.0)}, {})
+            writer.wait = interrupted_wait
+    assert [p.name for p in tmp_path.iterdir()] == ["step_1"]
 
 
 def test_trained_rows_by_hand():

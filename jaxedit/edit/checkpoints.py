@@ -71,10 +71,12 @@ class Writer:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:
-            self.wait()
-        elif self._thread is not None:  # training failed or was interrupted: finish the write, keep that error
-            self._thread.join()
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:  # training failed or was interrupted (maybe inside `wait`): finish the write, keep that error
+            if self._thread is not None:
+                self._thread.join()
 
 
 def _host_copy(trainable, opt_state) -> list[np.ndarray]:
