@@ -446,8 +446,8 @@ def test_checkpoint_writer_commits_the_last_save_and_reports_a_failed_write(tmp_
 
 
 def test_checkpoint_writer_finishes_its_write_when_leaving_is_interrupted(tmp_path, monkeypatch):
-    """A signal that lands while leaving the block waits for the write (inside `wait`) still lets the write
-    finish before the exception goes on: nothing is written after the caller has stopped."""
+    """Training stops (an exception) and a signal then lands in the wait for the pending write: the write still
+    finishes before the exception goes on, so nothing is written after the caller has stopped."""
     write = checkpoints._write
 
     def slow_write(*args):
@@ -457,14 +457,22 @@ def test_checkpoint_writer_finishes_its_write_when_leaving_is_interrupted(tmp_pa
     class Stop(BaseException):
         pass
 
-    def interrupted_wait():
-        raise Stop
+    def interrupted_once(join):
+        calls = []
+
+        def first_call_interrupted():
+            calls.append(1)
+            if len(calls) == 1:
+                raise Stop
+            join()
+        return first_call_interrupted
 
     monkeypatch.setattr(checkpoints, "_write", slow_write)
     with pytest.raises(Stop):
         with checkpoints.Writer(tmp_path) as writer:
             writer.save(1, {"w": jnp.arange(4.0)}, {})
-            writer.wait = interrupted_wait
+            writer._thread.join = interrupted_once(writer._thread.join)
+            raise Stop
     assert [p.name for p in tmp_path.iterdir()] == ["step_1"]
 
 

@@ -71,12 +71,19 @@ class Writer:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        try:
-            if exc_type is None:
-                self.wait()
-        finally:  # training failed or was interrupted (maybe inside `wait`): finish the write, keep that error
-            if self._thread is not None:
+        """Finish the pending write whatever happens meanwhile (a signal during the wait is raised after it),
+        then raise the write's error if training itself went well."""
+        late = None
+        while self._thread is not None:
+            try:
                 self._thread.join()
+                self._thread = None
+            except BaseException as err:  # a signal while waiting: the write must not outlive the run
+                late = err
+        if late is not None:
+            raise late
+        if exc_type is None:
+            self.wait()
 
 
 def _host_copy(trainable, opt_state) -> list[np.ndarray]:
