@@ -79,11 +79,12 @@ def _configs(model_dir, files: Path, output: Path) -> dict[str, dict]:
                          "soft_prompt": {"enabled": False}},
         "relearn": common | {
             "name": "keys",
+            "dtype": "bfloat16",
             "relearn": {"lora_rank": 3, "lora_alpha": 6.0, "lr": 0.003, "steps": 2, "eval_at": [1, 2], "batch_size": 2,
                         "accumulate": 1},
             "train": common["train"] | {"lr": 0.03, "forget_loss_coef": 2.0, "maintain_coef": 0.5, "lm_coef": 0.25,
                                         "kl_coef": 0.125, "unlearn": True, "clip_norm": 0.5, "weight_decay": 0.01,
-                                        "warmup": 1, "dtype": "bfloat16", "remat": True, "lora_rank": 2,
+                                        "warmup": 1, "remat": True, "lora_rank": 2,
                                         "lora_alpha": 4.0, "checkpoint_every": 1},
             "general_text": {"corpus": str(files / "corpus.txt"), "n": 4, "n_eval": 2, "ctx": 12,
                              "temperature": 0.5, "batch_size": 3},
@@ -134,7 +135,7 @@ def _spy(monkeypatch, calls: dict, stop_at: str | None):
     wrap(experiment, "run_experiment", "run_experiment", lambda model, task, prepared, loc, settings, **kw: loc)
     wrap(side_effects, "evaluate_mmlu", "mmlu", lambda model, data_dir, params=None, **kw: (data_dir, kw["limit"]))
     wrap(sharding, "make_mesh", "mesh", lambda spec, devices=None: (spec, None))
-    wrap(jaxedit, "load", "load", lambda path, *a, **k: path)
+    wrap(jaxedit, "load", "load", lambda path, dtype="float32": (path, dtype))
 
 
 def _run(config: dict, folder: Path, monkeypatch, stop_at: str | None) -> dict:
@@ -175,7 +176,8 @@ def _check(key: str, value, calls: dict, config: dict):
         "output": lambda: (Path(value) / config["name"] / "results.jsonl").is_file(),  # not under 'runs'
 
         "task": lambda: {name for name, _, _ in calls["build"]} == {value},
-        "models": lambda: set(calls["load"]) == set(value),
+        "models": lambda: {path for path, _ in calls["load"]} == set(value),
+        "dtype": lambda: {dtype for _, dtype in calls["load"]} == {value},
         "localizations": lambda: set(calls["run_experiment"]) == set(value),
         "seeds": lambda: {seed for _, seed in calls["split"] + calls["train"] + calls["localize"]} == set(value),
         "grid": lambda: {s.weight_decay for s, _ in calls["train"]} == set(value["train.weight_decay"]),

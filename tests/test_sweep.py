@@ -297,7 +297,7 @@ def test_two_processes_through_jax_distributed_resume_their_own_training_and_mat
 
 
 @pytest.mark.parametrize("case", ["yaml", "key", "model", "unknown_facts", "mesh", "localization", "override",
-                                  "output", "repeated_model"])
+                                  "output", "repeated_model", "moved_key", "dtype"])
 def test_bad_input_gives_one_line_and_writes_nothing(case, tmp_path, tiny_llama_dir, capsys):
     config = tiny_sweep_config(tiny_llama_dir, tmp_path / "runs")
     args, expect = None, None
@@ -324,6 +324,11 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, tmp_path, tiny_llama_
         args, expect = [str(_write(tmp_path, config)), "train.steps"], "is not key=value"
     elif case == "output":
         args, expect = [str(_write(tmp_path, config)), "output=/proc/none/x"], "cannot create the run directory"
+    elif case == "moved_key":
+        config["train"]["dtype"] = "bfloat16"
+        args, expect = [str(_write(tmp_path, config))], "is now 'dtype': set dtype=bfloat16"
+    elif case == "dtype":
+        args, expect = [str(_write(tmp_path, config)), "dtype=float16"], "use one of float32, bfloat16"
     elif case == "repeated_model":
         config["models"] = config["models"] * 2
         args, expect = [str(_write(tmp_path, config))], "more than once"

@@ -27,8 +27,9 @@ def _split(shape: tuple[int, ...], n_in: int) -> tuple[int, int, int]:
     return shape[0], math.prod(shape[1:1 + n_in]), math.prod(shape[1 + n_in:])
 
 
-def init_lora(params: dict, rank: int, key: jax.Array, targets=tuple(TARGETS), dtype=jnp.float32) -> dict:
-    """Adapters {name: {'a': [L,in,r], 'b': [L,r,out]}} for the target leaves present in params."""
+def init_lora(params: dict, rank: int, key: jax.Array, targets=tuple(TARGETS)) -> dict:
+    """Adapters {name: {'a': [L,in,r], 'b': [L,r,out]}} for the target leaves present in params, in each
+    leaf's dtype."""
     if rank <= 0:
         raise JaxeditError(f"LoRA rank must be positive, got {rank}")
     unknown = set(targets) - set(TARGETS)
@@ -40,10 +41,11 @@ def init_lora(params: dict, rank: int, key: jax.Array, targets=tuple(TARGETS), d
         if name not in params["layers"][group]:
             continue
         key, sub = jax.random.split(key)
-        layers, fan_in, fan_out = _split(params["layers"][group][name].shape, n_in)
+        weight = params["layers"][group][name]
+        layers, fan_in, fan_out = _split(weight.shape, n_in)
         bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5), as PEFT
-        adapters[name] = {"a": jax.random.uniform(sub, (layers, fan_in, rank), dtype, -bound, bound),
-                          "b": jnp.zeros((layers, rank, fan_out), dtype)}
+        adapters[name] = {"a": jax.random.uniform(sub, (layers, fan_in, rank), weight.dtype, -bound, bound),
+                          "b": jnp.zeros((layers, rank, fan_out), weight.dtype)}
     return adapters
 
 

@@ -99,7 +99,6 @@ class TrainSettings:
     clip_norm: float | None = 1.0
     weight_decay: float = 0.0
     warmup: int = 0
-    dtype: str = "float32"
     remat: bool = False
     lora_rank: int | None = None  # set: train LoRA adapters on all linear layers instead of the mask
     lora_alpha: float = 16.0
@@ -250,16 +249,12 @@ def split_for_training(params, mask, n_layers: int) -> tuple[dict, dict, dict]:
     return trainable, frozen, trainable_part(mask, keep, rows)
 
 
-def _cast(params, dtype: str):
-    dtype = jnp.dtype(dtype)
-    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-
-
 def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSettings, *, seed: int = 0,
           progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
           init_params: dict | None = None, checkpoint_dir: str | Path | None = None) -> dict:
     """Train for `settings.steps` optimizer steps (× `accumulate` micro-batches `batches_fn(i)`); return params.
 
+    Training runs in the dtype of the params (the model's: `jaxedit.load(..., dtype=...)`).
     mask: a params-shaped broadcasting bool tree (`Localization.mask`); ignored with LoRA, where the
     returned params are the merged base + adapters. init_params: where training starts (default the
     model's). A fresh optimizer and cosine schedule per call (sequential editing, §4.5, calls this
@@ -273,10 +268,10 @@ def train(model, mask, batches_fn: Callable[[int], dict], settings: TrainSetting
         raise JaxeditError(f"train.preset {settings.preset!r} is not resolved: train with "
                            "settings.for_localization(model name, localization)")
     steps = settings.steps
-    params = _cast(model.params if init_params is None else init_params, settings.dtype)
+    params = model.params if init_params is None else init_params
     if settings.lora_rank:
         lora = LoraSpec(settings.lora_rank, settings.lora_alpha)
-        trainable, frozen = init_lora(params, lora.rank, jax.random.key(seed), dtype=settings.dtype), params
+        trainable, frozen = init_lora(params, lora.rank, jax.random.key(seed)), params
         tmask = jax.tree.map(lambda a: np.ones((1,) * a.ndim, bool), trainable)
         frozen_below = 0
     else:

@@ -21,11 +21,13 @@ import yaml
 from jaxedit.errors import JaxeditError
 from jaxedit.experiment import Settings
 from jaxedit.localize.components import PAPER_LOCALIZATIONS, RULES
+from jaxedit.models.model import DTYPES
 from jaxedit.sharding.mesh import MeshSpec
 from jaxedit.tasks import TASKS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data; the checkout's configs/ links here
 PRESET_KEYS = ("train.lr", "train.forget_loss_coef")  # what a train.preset sets per model and localization
+MOVED_KEYS = {"train.dtype": "dtype"}  # old key → the key that replaced it (the precision of every stage, not training's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class SweepConfig(Settings):
     localizations: tuple[str, ...] = PAPER_LOCALIZATIONS
     seeds: tuple[int, ...] = (0,)
     grid: dict | None = None  # {'train.lr': [1e-4, 3e-4], ...}: every combination, for every localization
+    dtype: str = "float32"  # the precision each model is loaded at, so every stage of every unit runs at it
     mesh: MeshSpec = MeshSpec()
     output: str = "runs"
 
@@ -107,6 +110,9 @@ def _build(cls, values, where: str):
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else str(key)
+        if path in MOVED_KEYS:
+            raise JaxeditError(f"config key {path!r} is now {MOVED_KEYS[path]!r}: set {MOVED_KEYS[path]}={value} "
+                               "at the top level")
         if key not in hints:
             prefix = f"{where}." if where else ""
             raise JaxeditError(f"unknown config key {path!r}: {_suggest(str(key), hints, prefix)}")
@@ -226,6 +232,8 @@ def validate(config: SweepConfig) -> None:
             raise JaxeditError(f"grid key {dotted!r}: {_suggest(key, fields)}")
         for value in values:
             _coerce(value, fields[key], f"grid.{dotted}")
+    if config.dtype not in DTYPES:
+        raise JaxeditError(f"dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
     if config.train.steps < 1 or config.train.batch_size < 1 or config.train.accumulate < 1:
         raise JaxeditError("train.steps, train.batch_size and train.accumulate must be ≥ 1")
     if config.localize.rule not in RULES:

@@ -49,7 +49,7 @@ def plan(config: SweepConfig, n_devices: int | None = None) -> str:
         if layers:
             masks[f"FLU MLPs {list(layers)}"] = components.trainable_mask(components.mlp_layers(cfg, layers), cfg)
         for label, mask in masks.items():
-            report = memory_report(cfg, mesh, dtype=config.train.dtype, trainable_mask=mask,
+            report = memory_report(cfg, mesh, dtype=config.dtype, trainable_mask=mask,
                                    accumulate=config.train.accumulate)
             parts.append(f"{name}, {label}:\n{format_report(report)}")
     return "\n\n".join(parts)

@@ -111,7 +111,7 @@ def _run_units(config: SweepConfig, store: RunStore, units: list[Unit], mine: li
             if unit.model not in models:
                 models.clear()
                 say(f"loading {unit.model}")
-                models[unit.model] = parallel.place_model(jaxedit.load(unit.model), config.mesh)
+                models[unit.model] = parallel.place_model(jaxedit.load(unit.model, dtype=config.dtype), config.mesh)
             model = models[unit.model]
             if unit.prep_id not in preps:
                 preps[unit.prep_id] = prepare(config, model, unit, store)
