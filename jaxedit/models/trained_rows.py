@@ -91,32 +91,29 @@ def _scan_with_taps(body: Callable, carry, with_paths: list, treedef, xs, aux, r
     full = [leaves[i].full for i in tapped]
     trained = [leaves[i].trained for i in tapped]
 
-    def layer_params(plain_l, trained, full_l, flags_l, slots_l):
+    def layer_params(plain_l, merged_l):
         out = [None] * len(leaves)
-        for i, a in zip(others, plain_l):
+        for i, a in zip(others + tapped, plain_l + merged_l):
             out[i] = a
-        for i, t, f, on, slot in zip(tapped, trained, full_l, flags_l, slots_l):
-            pick = jax.lax.dynamic_index_in_dim(t, slot, keepdims=False).astype(f.dtype)
-            out[i] = jax.lax.stop_gradient(jnp.where(on, pick, f))
         return jax.tree.unflatten(treedef, out)
 
-    def run(carry, plain, trained, full, rows, xs, aux, taps):
-        flags, slots = _layer_slots(rows, n_layers)
+    def merge(full, rows, trained):
+        """The tapped stacks with their trained rows put in, scanned like any layer input: a matrix picked per layer
+        inside the body would be saved, stacked, for the backward scan."""
+        return [TrainedRows(f, r, t).merged() for f, r, t in zip(full, rows, trained)]
 
+    def run(carry, plain, trained, full, rows, xs, aux, taps):
         def step(c, s):
-            plain_l, full_l, flags_l, slots_l, x, taps_l = s
-            lp = layer_params(plain_l, trained, full_l, flags_l, slots_l)
-            c, y, inputs = body(c, lp, x, aux, no_taps if taps_l is None else taps_l.get)
+            plain_l, merged_l, x, taps_l = s
+            c, y, inputs = body(c, layer_params(plain_l, merged_l), x, aux, no_taps if taps_l is None else taps_l.get)
             return c, (y, inputs)
         c, (y, inputs) = jax.lax.scan(jax.checkpoint(step) if remat else step, carry,
-                                      (plain, full, flags, slots, xs, taps))
+                                      (plain, merge(full, rows, trained), xs, taps))
         return (c, y), inputs
 
     def probe():  # one layer's body, traced only: the taps' shapes
-        flags, slots = _layer_slots(rows, n_layers)
-        plain_l, full_l, flags_l, slots_l, x = jax.tree.map(lambda a: a[0], (plain, full, flags, slots, xs))
-        lp = layer_params(plain_l, trained, full_l, flags_l, slots_l)
-        return body(carry, lp, x, aux, lambda label: dict.fromkeys(names))[2]
+        plain_l, full_l, x = jax.tree.map(lambda a: a[0], (plain, full, xs))
+        return body(carry, layer_params(plain_l, full_l), x, aux, lambda label: dict.fromkeys(names))[2]
 
     shapes = jax.eval_shape(probe)
 
@@ -151,13 +148,6 @@ def _scan_with_taps(body: Callable, carry, with_paths: list, treedef, xs, aux, r
 
     scanned.defvjp(fwd, bwd, symbolic_zeros=True)
     return scanned(carry, plain, trained, full, rows, xs, aux)
-
-
-def _layer_slots(rows: list[jax.Array], n_layers: int) -> tuple[list[jax.Array], list[jax.Array]]:
-    """Per tapped leaf: whether each layer trains [L] bool, and which of the leaf's trained rows it is [L] int32."""
-    flags = [jnp.zeros(n_layers, bool).at[r].set(True) for r in rows]
-    slots = [jnp.zeros(n_layers, jnp.int32).at[r].set(jnp.arange(r.shape[0], dtype=jnp.int32)) for r in rows]
-    return flags, slots
 
 
 def _name(path) -> str:
