@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxedit.errors import JaxeditError
 from jaxedit.interventions import EMBED_SITE, SiteEdit, apply_edit, check_sites, validate_edits
 from jaxedit.models.config import ModelConfig
+from jaxedit.models.linear import project
 from jaxedit.models.trained_rows import scan_layers, split_layers
 
 Params = dict
@@ -143,10 +144,11 @@ class KeysValues(NamedTuple):
     v: jax.Array  # [B,S,K,E]
 
 
-def _side(p: dict, name: str, x: jax.Array, y: jax.Array, site: Sites) -> jax.Array:
-    """y = x·W plus the LoRA side path (x·A)·B of adapter p['lora'][name] if there is one (`lora.side_params`):
-    x [B,T,in axes], A [in,r] (scale folded in), B [r,out]; the merged weight W + A·B is never formed.
-    Then the matrix's tap, if `site` has one (`Sites.tap`)."""
+def _side(p: dict, name: str, x: jax.Array, site: Sites) -> jax.Array:
+    """y = x·W of matrix W = p[name] (`linear.project`) plus the LoRA side path (x·A)·B of adapter
+    p['lora'][name] if there is one (`lora.side_params`): x [B,T,in axes], A [in,r] (scale folded in),
+    B [r,out]; the merged weight W + A·B is never formed. Then the matrix's tap, if `site` has one (`Sites.tap`)."""
+    y = project(x, p[name])
     adapter = p.get("lora", {}).get(name)
     if adapter is not None:
         flat = x.reshape(x.shape[:2] + (-1,))
@@ -157,9 +159,9 @@ def _side(p: dict, name: str, x: jax.Array, y: jax.Array, site: Sites) -> jax.Ar
 
 def _qkv(cfg: ModelConfig, p: dict, x: jax.Array, positions: jax.Array, inv_freq, site: Sites):
     """Queries [B,T,H,E], keys and values [B,T,K,E] of normalized input x [B,T,D] at `positions`."""
-    q = _side(p, "wq", x, jnp.einsum("btd,dhe->bthe", x, p["wq"]), site)
-    k = _side(p, "wk", x, jnp.einsum("btd,dke->btke", x, p["wk"]), site)
-    v = _side(p, "wv", x, jnp.einsum("btd,dke->btke", x, p["wv"]), site)
+    q = _side(p, "wq", x, site)
+    k = _side(p, "wk", x, site)
+    v = _side(p, "wv", x, site)
     if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q, k, v = site("attn_q", q), site("attn_k", k), site("attn_v", v)
@@ -226,18 +228,18 @@ def attention(cfg: ModelConfig, p: dict, x: jax.Array, ctx: Context, inv_freq, i
 
 def _mlp(cfg: ModelConfig, p: dict, x: jax.Array, site: Sites) -> jax.Array:
     """MLP of normalized input x [B,T,D] -> [B,T,D]."""
-    up = _side(p, "w_up", x, x @ p["w_up"], site)
+    up = _side(p, "w_up", x, site)
     if cfg.mlp_bias:
         up = up + p["b_up"]
     if cfg.gated_mlp:
-        gate = _side(p, "w_gate", x, x @ p["w_gate"], site)
+        gate = _side(p, "w_gate", x, site)
         if cfg.mlp_bias:
             gate = gate + p["b_gate"]
         hidden = _activation(cfg, gate) * up
     else:
         hidden = _activation(cfg, up)
     hidden = site("mlp_hidden", hidden)
-    out = _side(p, "w_down", hidden, hidden @ p["w_down"], site)
+    out = _side(p, "w_down", hidden, site)
     return out + p["b_down"] if cfg.mlp_bias else out
 
 
@@ -255,7 +257,7 @@ def block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, inv_freq, is_l
     z = attention(cfg, lp["attn"], h, ctx, inv_freq, is_local, site, prefix, rows, at)
     if rows is not None:
         x = jnp.take_along_axis(x, rows[..., None], axis=1)
-    attn_out = _side(lp["attn"], "wo", z, jnp.einsum("bthe,hed->btd", z, lp["attn"]["wo"]), site)
+    attn_out = _side(lp["attn"], "wo", z, site)
     if cfg.out_bias:
         attn_out = attn_out + lp["attn"]["bo"]
     if cfg.post_norms:

@@ -1,0 +1,39 @@
+"""The layer matrices' product, with a weight gradient formed in the weight's own layout.
+
+`project(x, w)` is x [B,T,in…] · w [in…,out…] -> [B,T,out…]. JAX's rule for a product's weight
+gradient forms it out-axes first ([out…, in…]) and then transposes it into w's layout. In a layer scan
+XLA:CPU fuses that transpose into the write of each layer's gradient to the stacked [L,…] gradient, where
+it ran slower than the product: on Gemma-3-270M's default edit step, 6 ms a layer for the attention
+output matrix alone. Here the gradient is xᵀ·dy contracted over B and T, born [in…, out…] (the step that
+trains every matrix: 1.26 → 1.01 s). Forward and input gradient are the usual products.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def project(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B,T,in…] · w [in…,out…] -> [B,T,out…] (x's axes after the first two against w's leading ones)."""
+    n_in = x.ndim - 2
+    inputs, outputs = "he"[:n_in], "xyz"[:w.ndim - n_in]  # "he": einsum contracts in the letters' order,
+    # so the attention output's x [B,T,H,E]·w [H,E,D] contracts as the model's "bthe,hed->btd" always did
+    return jnp.einsum(f"ab{inputs},{inputs}{outputs}->ab{outputs}", x, w)
+
+
+def _forward(x, w):
+    return project(x, w), (x, w)
+
+
+def _backward(residuals, dy):
+    """(dx [B,T,in…] = dy·wᵀ, dw [in…,out…] = xᵀ·dy summed over B and T)."""
+    x, w = residuals
+    n_in = x.ndim - 2
+    dx = jnp.tensordot(dy, w, (tuple(range(2, dy.ndim)), tuple(range(n_in, w.ndim))))
+    dw = jnp.tensordot(x, dy, ((0, 1), (0, 1)))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+project.defvjp(_forward, _backward)
