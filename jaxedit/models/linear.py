@@ -10,6 +10,8 @@ trains every matrix: 1.26 → 1.01 s). Forward and input gradient are the usual 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -23,17 +25,24 @@ def project(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum(f"ab{inputs},{inputs}{outputs}->ab{outputs}", x, w)
 
 
+def _flat(x, w):
+    """x as [B·T, in], w as [in, out]."""
+    n_in = x.ndim - 2
+    return x.reshape(x.shape[0] * x.shape[1], -1), w.reshape(math.prod(w.shape[:n_in]), -1)
+
+
 def _forward(x, w):
     return project(x, w), (x, w)
 
 
 def _backward(residuals, dy):
-    """(dx [B,T,in…] = dy·wᵀ, dw [in…,out…] = xᵀ·dy summed over B and T)."""
+    """(dx [B,T,in…] = dy·wᵀ, dw [in…,out…] = xᵀ·dy summed over B and T), as products of matrices: a product
+    that contracts two axes of a weight at once (dy [B,T,H,E] against the query matrix [D,H,E]) ran 2.4× slower
+    on XLA:CPU, through a transposed copy of the weight."""
     x, w = residuals
-    n_in = x.ndim - 2
-    dx = jnp.tensordot(dy, w, (tuple(range(2, dy.ndim)), tuple(range(n_in, w.ndim))))
-    dw = jnp.tensordot(x, dy, ((0, 1), (0, 1)))
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    x2, w2 = _flat(x, w)
+    dy2 = dy.reshape(x2.shape[0], -1)
+    return (dy2 @ w2.T).reshape(x.shape).astype(x.dtype), (x2.T @ dy2).reshape(w.shape).astype(w.dtype)
 
 
 project.defvjp(_forward, _backward)
