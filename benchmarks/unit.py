@@ -2,7 +2,7 @@
 
 Runs `python -m jaxedit.sweep default` with the target budget of the throughput issue (two
 localizations, 8 edit steps, 6 LoRA r64 relearning steps, 100 probe steps; extra KEY=VALUE
-overrides after it) in a fresh output folder with the persistent compilation cache on, then prints
+overrides after it), one unit at a time, in a fresh output folder with the persistent compilation cache on, then prints
 each unit's stage times (`time/*` of `results.jsonl`: edit, eval_after, probe, attacks (relearning
 and soft prompt), total) with the load average, and appends them to benchmarks/results/results.jsonl.
 The first unit pays the compilations; later units of the same model reuse its programs.
@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks import suite
 
 TARGET = ("localizations=[manual_interp,random_mlps]", "train.steps=8", "relearn.steps=6", "relearn.lora_rank=64",
-          "eval.probe_steps=100")
+          "eval.probe_steps=100", "parallel_units=1")  # one unit at a time: its stage times are its own
 STAGES = ("edit", "eval_after", "probe", "attacks", "total")
 
 

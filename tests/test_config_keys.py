@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from jaxedit.eval import side_effects
 from jaxedit.localize import pipeline
 from jaxedit.sweep.__main__ import main
 from jaxedit.sweep.config import load_config
+from jaxedit.sweep import runner
 from jaxedit.sweep.runner import run_sweep
 from jaxedit.tasks import TASKS
 
@@ -73,7 +75,8 @@ def _configs(model_dir, files: Path, output: Path) -> dict[str, dict]:
                            "ct_noise": "paper", "rule": "threshold"},
               "train": {"steps": 2, "batch_size": 2, "accumulate": 2}}
     return {
-        "off": common | {"name": "off", "grid": {"train.weight_decay": [0.25]},  # runs to its report
+        "off": common | {"name": "off", "grid": {"train.weight_decay": [0.25, 0.5]},  # runs to its report
+                         "parallel_units": 2,
                          "train": common["train"] | {"preset": "sports_athletes", "preset_model": "gemma-2-9b"},
                          "general_text": {"n": 0}, "eval": {"probes": False}, "relearn": {"enabled": False},
                          "soft_prompt": {"enabled": False}},
@@ -133,6 +136,7 @@ def _spy(monkeypatch, calls: dict, stop_at: str | None):
     wrap(experiment, "train_adversary", "soft_prompt",
          lambda model, params, prompts, labels, settings, seed=0: (settings, seed))
     wrap(experiment, "run_experiment", "run_experiment", lambda model, task, prepared, loc, settings, **kw: loc)
+    wrap(runner, "run_unit", "run_unit", lambda *args: threading.current_thread().name)
     wrap(side_effects, "evaluate_mmlu", "mmlu", lambda model, data_dir, params=None, **kw: (data_dir, kw["limit"]))
     wrap(sharding, "make_mesh", "mesh", lambda spec, devices=None: (spec, None))
     wrap(jaxedit, "load", "load", lambda path, dtype="float32": (path, dtype))
@@ -180,6 +184,7 @@ def _check(key: str, value, calls: dict, config: dict):
         "dtype": lambda: {dtype for _, dtype in calls["load"]} == {value},
         "localizations": lambda: set(calls["run_experiment"]) == set(value),
         "seeds": lambda: {seed for _, seed in calls["split"] + calls["train"] + calls["localize"]} == set(value),
+        "parallel_units": lambda: len(set(calls["run_unit"])) == value,  # each unit on its own thread
         "grid": lambda: {s.weight_decay for s, _ in calls["train"]} == set(value["train.weight_decay"]),
         "train.preset": lambda: {(s.lr, s.forget_loss_coef) for s, _ in calls["train"]} == {(5e-5, 5.0)},
         "train.preset_model": lambda: {(s.lr, s.forget_loss_coef) for s, _ in calls["train"]} == {(5e-5, 5.0)},

@@ -282,6 +282,33 @@ def test_sweep_stopped_at_drawn_points_resumes_to_the_uninterrupted_run(referenc
     assert not list((run_dir / "checkpoints").glob("*/*/step_*"))
 
 
+def test_two_units_at_a_time_interrupted_mid_training_resume_to_the_reference(reference, tmp_path):
+    """`parallel_units: 2`: both units train at once; SIGINT once each has committed a training checkpoint (or
+    finished) ends the run with its one line, and the rerun, again two at a time, resumes the unit in flight from
+    its checkpoint and gives the reference's rows."""
+    config, rows, _ = reference
+    path = _write(tmp_path, dict(config, output=str(tmp_path / "runs"), parallel_units=2))
+    run_dir = tmp_path / "runs" / "small"
+    units = [r["unit"] for r in rows]
+    done = lambda unit: (run_dir / "units" / f"{unit}.json").is_file()  # noqa: E731
+    env = sweep_env(JAXEDIT_DEBUG="1")
+    proc = _start([path], env, tmp_path / "log.txt")
+    while proc.poll() is None and not all(_committed_step(run_dir, u) or done(u) for u in units):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=300)
+    output = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in output, output[-2000:]
+    assert output.strip().splitlines()[-1] == INTERRUPTED
+    in_flight = {u: _committed_step(run_dir, u) for u in units if _committed_step(run_dir, u) and not done(u)}
+    assert in_flight, "every unit finished before the interrupt: nothing was tested"
+    final = _run([path], env=env)
+    assert final.returncode == 0, final.stderr[-3000:]
+    for unit, step in in_flight.items():
+        assert f"resuming training from its checkpoint at step {step}" in final.stderr
+    _assert_same_rows(_rows(run_dir), rows)
+
+
 def test_two_processes_through_jax_distributed_resume_their_own_training_and_match_one(reference, two_processes):
     _, rows, _ = reference
     codes, outputs, run_dir, killed_at = two_processes
@@ -297,7 +324,7 @@ def test_two_processes_through_jax_distributed_resume_their_own_training_and_mat
 
 
 @pytest.mark.parametrize("case", ["yaml", "key", "model", "unknown_facts", "mesh", "localization", "override",
-                                  "output", "repeated_model", "moved_key", "dtype"])
+                                  "output", "repeated_model", "moved_key", "dtype", "parallel_units"])
 def test_bad_input_gives_one_line_and_writes_nothing(case, tmp_path, tiny_llama_dir, capsys):
     config = tiny_sweep_config(tiny_llama_dir, tmp_path / "runs")
     args, expect = None, None
@@ -329,6 +356,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, tmp_path, tiny_llama_
         args, expect = [str(_write(tmp_path, config))], "is now 'dtype': set dtype=bfloat16"
     elif case == "dtype":
         args, expect = [str(_write(tmp_path, config)), "dtype=float16"], "use one of float32, bfloat16"
+    elif case == "parallel_units":
+        args, expect = [str(_write(tmp_path, config)), "parallel_units=0"], "run at least 1 unit at a time"
     elif case == "repeated_model":
         config["models"] = config["models"] * 2
         args, expect = [str(_write(tmp_path, config))], "more than once"

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from jaxedit.data.batching import PromptBatches
 from jaxedit.edit.lora import init_lora
 from jaxedit.edit.optim import AdamWSpec, split_trainable, trainable_part
-from jaxedit.edit.train import LoraSpec, LossWeights, train_step, trained_params
+from jaxedit.edit.train import LoraSpec, LossWeights, full_params, train_step
 from jaxedit.errors import JaxeditError
 from jaxedit.localize import components
 
@@ -84,7 +84,9 @@ def relearn(model, params, train_sets: dict, evaluate: Callable[[dict], dict],
 
     train_sets: {key: (prompts, target ids)} with the TRUE answers (`PromptBatches` sets, e.g. the
     relearn half of the forget set and maintain facts); evaluate(params) -> {metric: value}, measured
-    on the held-out half and the maintain test facts. seed: batch order and LoRA init.
+    on the held-out half and the maintain test facts (with LoRA, params carry the adapters as side paths,
+    `lora.side_params`, as PEFT runs an unmerged adapter: no merged copy of the model per measurement).
+    seed: batch order and LoRA init.
     """
     batches = PromptBatches(model.tokenizer, train_sets, settings.batch_size, settings.steps * settings.accumulate,
                             seed)
@@ -103,7 +105,7 @@ def relearn(model, params, train_sets: dict, evaluate: Callable[[dict], dict],
     out = {}
 
     def measure(step):
-        out.update({f"relearn/{step}/{k}": v for k, v in evaluate(trained_params(trainable, frozen, lora)).items()})
+        out.update({f"relearn/{step}/{k}": v for k, v in evaluate(full_params(trainable, frozen, lora)).items()})
 
     bar = tqdm(range(settings.steps), file=sys.stderr, disable=not progress, desc="relearn")
     for step in bar:

@@ -41,6 +41,7 @@ class SweepConfig(Settings):
     seeds: tuple[int, ...] = (0,)
     grid: dict | None = None  # {'train.lr': [1e-4, 3e-4], ...}: every combination, for every localization
     dtype: str = "float32"  # the precision each model is loaded at, so every stage of every unit runs at it
+    parallel_units: int = 1  # units of one model run at once, in threads sharing the model (results unchanged)
     mesh: MeshSpec = MeshSpec()
     output: str = "runs"
 
@@ -234,6 +235,8 @@ def validate(config: SweepConfig) -> None:
             _coerce(value, fields[key], f"grid.{dotted}")
     if config.dtype not in DTYPES:
         raise JaxeditError(f"dtype {config.dtype!r}: use one of {', '.join(DTYPES)}")
+    if config.parallel_units < 1:
+        raise JaxeditError(f"parallel_units {config.parallel_units}: run at least 1 unit at a time")
     if config.train.steps < 1 or config.train.batch_size < 1 or config.train.accumulate < 1:
         raise JaxeditError("train.steps, train.batch_size and train.accumulate must be ≥ 1")
     if config.localize.rule not in RULES:

@@ -11,10 +11,13 @@ removes its directory.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import jax
@@ -55,6 +58,36 @@ def prepare(config: SweepConfig, model, unit: Unit, store: RunStore) -> tuple[Ta
     write_json(path, prepared.to_json())
     report.save_score_plots(store.root / "report" / "scores" / unit.prep_id, prepared.scores[0], model.cfg)
     return task, prepared
+
+
+def _run_model_units(config: SweepConfig, store: RunStore, model, units: list[Unit], bar: tqdm) -> None:
+    """Run `units` (all of one model), `config.parallel_units` at a time in threads that share the model and the
+    preparations (each prepared once, by the first unit that needs it). A unit computes the same numbers alone or
+    beside another; on 2 CPU cores two at a time keep both cores busier through each unit's small operations."""
+    preps, preparing = {}, threading.Lock()
+
+    def run(unit: Unit) -> None:
+        bar.set_postfix_str(unit.id)
+        with preparing:
+            if unit.prep_id not in preps:
+                preps[unit.prep_id] = prepare(config, model, unit, store)
+        row = run_unit(config, unit, model, *preps[unit.prep_id], store)
+        store.write_unit(unit.id, row)
+        shutil.rmtree(store.checkpoint_dir(unit.id), ignore_errors=True)
+        say(f"{unit.id}: " + ", ".join(f"{k} {row[k]:.3f}" for k in report.headline(row)) +
+            f" ({row['time/total']:.0f} s)")
+        bar.update(1)
+
+    if config.parallel_units == 1:
+        for unit in units:
+            run(unit)
+        return
+    pool = ThreadPoolExecutor(config.parallel_units, thread_name_prefix="unit")
+    try:
+        for done in as_completed([pool.submit(run, unit) for unit in units]):
+            done.result()  # the first failure (or an interrupt of this thread) ends the sweep
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # an interrupt leaves without waiting for the unit in flight
 
 
 def run_unit(config: SweepConfig, unit: Unit, model, task: Task, prepared: experiment.Prepared,
@@ -104,22 +137,11 @@ def _run_units(config: SweepConfig, store: RunStore, units: list[Unit], mine: li
     say(f"{'resuming' if resumed else 'starting'} {store.root}: {len(units)} units, {len(mine)} on this process, "
         f"{len(mine) - len(todo)} already done")
     started = time.perf_counter()
-    models, preps = {}, {}
-    with tqdm(todo, desc="units", file=sys.stderr, disable=not todo) as bar:  # closed (a newline) however it ends
-        for unit in bar:
-            bar.set_postfix_str(unit.id)
-            if unit.model not in models:
-                models.clear()
-                say(f"loading {unit.model}")
-                models[unit.model] = parallel.place_model(jaxedit.load(unit.model, dtype=config.dtype), config.mesh)
-            model = models[unit.model]
-            if unit.prep_id not in preps:
-                preps[unit.prep_id] = prepare(config, model, unit, store)
-            row = run_unit(config, unit, model, *preps[unit.prep_id], store)
-            store.write_unit(unit.id, row)
-            shutil.rmtree(store.checkpoint_dir(unit.id), ignore_errors=True)
-            say(f"{unit.id}: " + ", ".join(f"{k} {row[k]:.3f}" for k in report.headline(row)) +
-                f" ({row['time/total']:.0f} s)")
+    with tqdm(total=len(todo), desc="units", file=sys.stderr, disable=not todo) as bar:  # closed however it ends
+        for name, group in itertools.groupby(todo, key=lambda u: u.model):  # one model in memory at a time
+            say(f"loading {name}")
+            _run_model_units(config, store, parallel.place_model(jaxedit.load(name, dtype=config.dtype), config.mesh),
+                             list(group), bar)
     parallel.barrier("jaxedit-sweep-done")
     if jax.process_index() == 0:
         missing = [u.id for u in units if not store.done(u.id)]
