@@ -3,9 +3,11 @@
 `project(x, w)` is x [B,T,in…] · w [in…,out…] -> [B,T,out…]. JAX's rule for a product's weight
 gradient forms it out-axes first ([out…, in…]) and then transposes it into w's layout. In a layer scan
 XLA:CPU fuses that transpose into the write of each layer's gradient to the stacked [L,…] gradient, where
-it ran slower than the product: on Gemma-3-270M's default edit step, 6 ms a layer for the attention
-output matrix alone. Here the gradient is xᵀ·dy contracted over B and T, born [in…, out…] (the step that
-trains every matrix: 1.26 → 1.01 s). Forward and input gradient are the usual products.
+it ran slower than the product (6 ms a layer for the attention output matrix of Gemma-3-270M's edit
+step). Here both gradients are products of matrices on [B·T, in] and [in, out] views: dw = xᵀ·dy is born
+[in…, out…], and dx = dy·wᵀ does not go through a transposed copy of w. The forward is the einsum the
+model always used (bit-identical). Gemma-3-270M's default edit step: nonlocalized 1.26 → 0.93 s,
+manual_interp 0.66 → 0.56 s.
 """
 
 from __future__ import annotations
