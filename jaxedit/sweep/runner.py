@@ -78,10 +78,6 @@ def _run_model_units(config: SweepConfig, store: RunStore, model, units: list[Un
             f" ({row['time/total']:.0f} s)")
         bar.update(1)
 
-    if config.parallel_units == 1:
-        for unit in units:
-            run(unit)
-        return
     pool = ThreadPoolExecutor(config.parallel_units, thread_name_prefix="unit")
     try:
         for done in as_completed([pool.submit(run, unit) for unit in units]):
